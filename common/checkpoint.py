@@ -1,0 +1,103 @@
+"""Checkpoints: atomic saves, ``weights_only`` loads and clear errors.
+
+A checkpoint is a plain dict of tensors and Python primitives (so it loads with
+``torch.load(..., weights_only=True)``) holding the model, the optimiser state,
+the resolved config, fold, epoch and git commit.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rsna-csfd-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, or not one of ours."""
+
+
+def git_commit() -> str:
+    """The commit of the code that is running, or ``"unknown"`` outside a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_checkpoint(path: str | Path, *, stage: str, model_state: dict[str, torch.Tensor],
+                    config: dict[str, Any], fold: int, epoch: int, **extra: Any) -> None:
+    """Write a checkpoint atomically. ``extra`` holds optimiser/scheduler/etc. states."""
+    payload = {
+        "format": FORMAT, "version": VERSION, "stage": stage, "model": model_state,
+        "config": config, "fold": int(fold), "epoch": int(epoch), "git_commit": git_commit(),
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, stage: str | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True``; raise ``CheckpointError`` naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged zip/pickle
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint (truncated or corrupt file?): "
+            f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no '{FORMAT}' marker)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} "
+                              f"is not supported (expected {VERSION})")
+    if stage is not None and payload.get("stage") != stage:
+        raise CheckpointError(f"{path}: a {payload.get('stage')} checkpoint, expected {stage}")
+    return payload
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in a ``weights_only``-safe form."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuplify(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(value: Any) -> Any:
+    """``random.setstate`` wants tuples; a round trip may have turned them into lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuplify(v) for v in value)
+    return value
