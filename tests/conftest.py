@@ -1,0 +1,72 @@
+"""Shared pytest fixtures. Each group is marked with what it serves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# --- Real CT series (DICOM reader and NIfTI reader tests) -----------------------------
+
+REAL_CT = SHARED_DATA / "totalsegmentator_example_ct"
+
+# name -> transfer syntax UID of the copies made by ``real_ct_transcoded``
+REAL_CT_SYNTAXES = {
+    "explicit-le": "1.2.840.10008.1.2.1",
+    "implicit-le": "1.2.840.10008.1.2",
+    "jpeg-lossless-70": "1.2.840.10008.1.2.4.70",
+    "jpeg-lossless-57": "1.2.840.10008.1.2.4.57",
+    "rle": "1.2.840.10008.1.2.5",
+    "jpeg2000-91": "1.2.840.10008.1.2.4.91",
+}
+
+
+@pytest.fixture(scope="session")
+def real_ct_dir() -> Path:
+    """The real 20-slice JPEG 2000 CT series; skips the test when it is absent."""
+    folder = REAL_CT / "dicom"
+    if not folder.is_dir():
+        pytest.skip(f"real CT series not found beside the repository ({folder.name})")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_ct_study(real_ct_dir: Path):
+    from common.dicom import load_study
+
+    return load_study(real_ct_dir)
+
+
+@pytest.fixture(scope="session")
+def real_ct_transcoded(real_ct_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """Four real slices re-encoded losslessly into each of REAL_CT_SYNTAXES.
+
+    The source files carry empty SOP Class / Instance UIDs, which gdcm refuses to
+    write, so those are filled in first (pixel data untouched).
+    """
+    pytest.importorskip("gdcm")
+    import pydicom
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    from common.bench import transcode_file
+
+    root = tmp_path_factory.mktemp("real_ct_transcoded")
+    fixed = root / "source"
+    fixed.mkdir()
+    series_uid = generate_uid()
+    for path in sorted(real_ct_dir.iterdir())[:4]:
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesInstanceUID = ds.SeriesInstanceUID or series_uid
+        ds.save_as(fixed / path.name)
+    folders = {}
+    for name, syntax in REAL_CT_SYNTAXES.items():
+        folders[name] = root / name
+        folders[name].mkdir()
+        for path in sorted(fixed.iterdir()):
+            transcode_file(path, folders[name] / path.name, syntax)
+    return folders
