@@ -1,0 +1,80 @@
+"""On-the-fly 3D augmentation in torch, applied identically to image and target.
+
+Axes are (C, D, H, W) with D the head-feet axis. Flips are only in-plane (H, W):
+a flip along D would turn C1 into C7. Rotations are about the D axis.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from stage1_seg.config import AugmentConfig
+
+
+def _rand(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def _affine_theta(cfg: AugmentConfig) -> torch.Tensor:
+    """A (3, 4) sampling matrix in (x=W, y=H, z=D) normalised coordinates."""
+    angle = math.radians(_rand(-cfg.rotate_deg, cfg.rotate_deg))
+    scale = [1.0 + _rand(-cfg.scale, cfg.scale) for _ in range(3)]
+    shift = [_rand(-cfg.shift, cfg.shift) * 2 for _ in range(3)]
+    cos, sin = math.cos(angle), math.sin(angle)
+    rot = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
+    linear = rot @ torch.diag(torch.tensor(scale))
+    return torch.cat([linear, torch.tensor(shift)[:, None]], dim=1)
+
+
+def _elastic_offsets(shape: tuple[int, int, int], strength: float) -> torch.Tensor:
+    """Smooth random displacement ``(1, D, H, W, 3)`` from a coarse 4^3 noise field."""
+    coarse = torch.randn(1, 3, 4, 4, 4) * strength
+    field = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+    return field.permute(0, 2, 3, 4, 1)
+
+
+def spatial_transform(image: torch.Tensor, target: torch.Tensor, cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random affine and/or elastic warp of ``image`` (C, D, H, W) and ``target`` (K, D, H, W)."""
+    do_affine = torch.rand(()).item() < cfg.affine_p
+    do_elastic = torch.rand(()).item() < cfg.elastic_p
+    if not (do_affine or do_elastic):
+        return image, target
+    shape = tuple(image.shape[1:])
+    theta = _affine_theta(cfg) if do_affine else torch.eye(3, 4)
+    grid = F.affine_grid(theta[None], [1, 1, *shape], align_corners=False)
+    if do_elastic:
+        grid = grid + _elastic_offsets(shape, cfg.elastic_strength)
+    both = torch.cat([image, target], dim=0)[None]
+    # Outside the volume is air: 0 after windowing for the image, background for the target.
+    warped = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    return warped[: image.shape[0]], warped[image.shape[0]:]
+
+
+def intensity_transform(image: torch.Tensor) -> torch.Tensor:
+    """Contrast, brightness, gamma and noise jitter on a [0, 1] image."""
+    image = image * _rand(0.9, 1.1) + _rand(-0.05, 0.05)
+    image = image.clamp(0, 1) ** _rand(0.8, 1.25)
+    image = image + torch.randn_like(image) * _rand(0.0, 0.03)
+    return image.clamp(0, 1)
+
+
+def augment_pair(image: torch.Tensor, target: torch.Tensor, cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """All stage-1 augmentations for one sample; shapes are kept."""
+    for axis in (2, 3):  # H and W only
+        if torch.rand(()).item() < cfg.flip_p:
+            image, target = image.flip(axis), target.flip(axis)
+    image, target = spatial_transform(image, target, cfg)
+    if torch.rand(()).item() < cfg.intensity_p:
+        image = intensity_transform(image)
+    return image.contiguous(), target.clamp(0, 1).contiguous()
+
+
+def mixup(image: torch.Tensor, target: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mixup with probability ``p`` (image and soft target mixed alike)."""
+    if image.shape[0] < 2 or torch.rand(()).item() >= p:
+        return image, target
+    lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+    perm = torch.randperm(image.shape[0], device=image.device)
+    return lam * image + (1 - lam) * image[perm], lam * target + (1 - lam) * target[perm]

@@ -1,0 +1,87 @@
+"""Vertebra boxes from stage-1 probabilities, in original slice/pixel coordinates.
+
+The box table has one row per study and vertebra:
+``StudyInstanceUID, vertebra (C1..C7), z0, z1, y0, y1, x0, x1, voxels, status``.
+``z0..z1`` are inclusive slice indices in the head-to-feet order of ``Study.hu``;
+``y0:y1`` and ``x0:x1`` are half-open pixel ranges; ``status`` is ``found`` (at the
+main threshold), ``weak`` (only at the fallback threshold) or ``missing`` (all
+coordinates -1).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.constants import STUDY_COL, VERTEBRAE
+
+BOX_COLUMNS = [STUDY_COL, "vertebra", "z0", "z1", "y0", "y1", "x0", "x1", "voxels", "status"]
+STATUSES = ("found", "weak", "missing")
+
+
+def _box_of(mask: np.ndarray, shape: tuple[int, int, int]) -> tuple[int, ...]:
+    """Bounds of a low-resolution boolean mask ``(d, h, w)`` mapped to ``shape`` (S, H, W)."""
+    bounds = []
+    for axis, full in enumerate(shape):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        low = mask.shape[axis]
+        scale = full / low
+        start = int(np.floor(hits[0] * scale))
+        stop = int(np.ceil((hits[-1] + 1) * scale))
+        bounds.append((max(0, start), min(full, stop)))
+    (z0, z1), (y0, y1), (x0, x1) = bounds
+    return z0, z1 - 1, y0, y1, x0, x1
+
+
+def vertebra_boxes(probs: np.ndarray, shape: tuple[int, int, int], uid: str,
+                   threshold: float = 0.2, fallback: float = 0.05, min_voxels: int = 8) -> pd.DataFrame:
+    """Seven box rows for one study.
+
+    probs: ``(7, d, h, w)`` probabilities in [0, 1] (float) or 0..255 (uint8) covering
+    the whole study, which has ``shape`` (S, H, W) at its original resolution.
+    """
+    if probs.ndim != 4 or probs.shape[0] != len(VERTEBRAE):
+        raise ValueError(f"{uid}: expected probabilities of shape (7, d, h, w), got {probs.shape}")
+    if probs.dtype == np.uint8:
+        probs = probs.astype(np.float32) / 255.0
+    rows = []
+    for c, name in enumerate(VERTEBRAE):
+        row = {STUDY_COL: uid, "vertebra": name}
+        for status, level in (("found", threshold), ("weak", fallback)):
+            mask = probs[c] >= level
+            voxels = int(mask.sum())
+            if voxels >= min_voxels:
+                z0, z1, y0, y1, x0, x1 = _box_of(mask, shape)
+                row.update(z0=z0, z1=z1, y0=y0, y1=y1, x0=x0, x1=x1, voxels=voxels, status=status)
+                break
+        else:
+            row.update(z0=-1, z1=-1, y0=-1, y1=-1, x0=-1, x1=-1, voxels=0, status="missing")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=BOX_COLUMNS)
+
+
+def read_boxes(path: str | Path) -> pd.DataFrame:
+    """Read a box table and check its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"box table not found: {path} (run `python -m stage1_seg.predict` first)")
+    frame = pd.read_csv(path, dtype={STUDY_COL: str})
+    missing = [c for c in BOX_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: not a vertebra box table (missing columns {missing})")
+    return frame
+
+
+def z_iou(a: tuple[int, int], b: tuple[int, int]) -> float:
+    """IoU of two inclusive slice ranges."""
+    inter = max(0, min(a[1], b[1]) - max(a[0], b[0]) + 1)
+    union = (a[1] - a[0] + 1) + (b[1] - b[0] + 1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def boxes_from_labels(labels: np.ndarray, uid: str) -> pd.DataFrame:
+    """Ground-truth boxes from a label volume ``(S, H, W)`` with 1..7 = C1..C7 (an oracle for tests)."""
+    onehot = np.stack([labels == c + 1 for c in range(len(VERTEBRAE))]).astype(np.float32)
+    return vertebra_boxes(onehot, labels.shape, uid, threshold=0.5, fallback=0.5, min_voxels=1)

@@ -1,0 +1,65 @@
+"""Stage-1 config schema (see configs/stage1.yaml)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from common.trainer import TrainConfig
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    size: int = 128                    # cube edge the study is resampled to (multiple of 32)
+    window_center: float = 400.0       # HU window mapped to [0, 1]
+    window_width: float = 1800.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: str = "tu-tf_efficientnetv2_s"   # any smp-3d encoder, e.g. efficientnet-b0 .. b7
+    in_channels: int = 1                       # 1, or 3 (the window repeated) for 2D-pretrained stems
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    weights_file: Optional[str] = None         # local encoder/model weights; never downloaded
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    bce_weight: float = 0.5
+    dice_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip_p: float = 0.5                # per in-plane axis (never head-feet: it would swap C1 and C7)
+    affine_p: float = 0.8
+    shift: float = 0.08                # fraction of the cube
+    scale: float = 0.12
+    rotate_deg: float = 12.0           # about the head-feet axis
+    elastic_p: float = 0.3
+    elastic_strength: float = 0.03
+    intensity_p: float = 0.5
+    mixup_p: float = 0.1
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    folds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    checkpoint: str = "best.pt"
+    flip_tta: bool = False
+    threshold: float = 0.2             # vertebra found
+    fallback_threshold: float = 0.05   # found only weakly
+    min_voxels: int = 8
+    splits: tuple[str, ...] = ("train",)  # "train" and/or "test"
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    run: str = "default"               # outputs in work/stage1/<run>/
+    n_folds: int = 5
+    fold_seed: int = 42
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)

@@ -1,0 +1,108 @@
+"""Stage-1 data: the one preprocessing function, the on-disk cache, the dataset.
+
+``preprocess_hu`` is used by training, validation, ``stage1_seg.predict`` and
+``make_submission`` alike, so what the model sees cannot drift between them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from common.config import to_dict
+from common.dicom import load_study
+from common.io import save_npz_atomic
+from common.nifti import load_rsna_mask
+from common.volume import resample, resample_labels, window
+from stage1_seg.augment import augment_pair
+from stage1_seg.config import AugmentConfig, PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+
+def preprocess_hu(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """HU volume ``(S, H, W)`` -> windowed float32 cube ``(size, size, size)`` in [0, 1]."""
+    volume = resample(torch.from_numpy(np.ascontiguousarray(hu)).unsqueeze(0), (cfg.size,) * 3)[0]
+    return window(volume, cfg.window_center, cfg.window_width).numpy()
+
+
+def cache_dir(work_dir: str | Path, cfg: PreprocessConfig) -> Path:
+    """``work/cache/stage1/<hash of the preprocessing settings>``."""
+    key = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return Path(work_dir) / "cache" / "stage1" / f"size{cfg.size}-{key}"
+
+
+def build_cache_entry(uid: str, data_dir: Path, out_dir: Path, cfg: PreprocessConfig) -> Path:
+    """Decode one segmented study once and store its cube and per-class target fractions."""
+    path = out_dir / f"{uid}.npz"
+    if path.exists():
+        return path
+    study = load_study(data_dir / "train_images" / uid)
+    labels = load_rsna_mask(_mask_path(data_dir, uid), study)
+    image = preprocess_hu(study.hu, cfg)
+    target = resample_labels(labels, (cfg.size,) * 3)
+    save_npz_atomic(path, image=image.astype(np.float16), target=np.round(target * 255).astype(np.uint8))
+    return path
+
+
+def _mask_path(data_dir: Path, uid: str) -> Path:
+    for suffix in (".nii", ".nii.gz"):
+        path = data_dir / "segmentations" / f"{uid}{suffix}"
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"no segmentation for {uid} in {data_dir / 'segmentations'}")
+
+
+def _build_entry_star(args: tuple[str, Path, Path, PreprocessConfig]) -> Path:
+    return build_cache_entry(*args)
+
+
+def prepare_cache(uids: Sequence[str], data_dir: Path, work_dir: Path, cfg: PreprocessConfig,
+                  workers: int = 1) -> Path:
+    """Make sure every study in ``uids`` has a cache entry; returns the cache folder."""
+    out_dir = cache_dir(work_dir, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [u for u in uids if not (out_dir / f"{u}.npz").exists()]
+    if todo:
+        log.info("caching %d of %d stage-1 studies in %s", len(todo), len(uids), out_dir)
+        jobs = [(u, Path(data_dir), out_dir, cfg) for u in todo]
+        bar = tqdm(total=len(jobs), desc="stage1 cache", dynamic_ncols=True)
+        if workers > 1:
+            with get_context("spawn").Pool(workers) as pool:
+                for _ in pool.imap_unordered(_build_entry_star, jobs):
+                    bar.update()
+        else:
+            for job in jobs:
+                _build_entry_star(job)
+                bar.update()
+        bar.close()
+    return out_dir
+
+
+class SegDataset(Dataset):
+    """Cached segmented studies. Items: ``image`` (C, D, H, W) float32, ``target`` (7, D, H, W) float32."""
+
+    def __init__(self, uids: Sequence[str], cache: Path, in_channels: int = 1,
+                 augment: AugmentConfig | None = None) -> None:
+        self.uids, self.cache, self.in_channels, self.augment = list(uids), Path(cache), in_channels, augment
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        with np.load(self.cache / f"{self.uids[index]}.npz") as data:
+            image = torch.from_numpy(data["image"].astype(np.float32))[None]
+            target = torch.from_numpy(data["target"].astype(np.float32) / 255.0)
+        if self.augment is not None:
+            image, target = augment_pair(image, target, self.augment)
+        if self.in_channels > 1:
+            image = image.expand(self.in_channels, -1, -1, -1).contiguous()
+        return {"image": image, "target": target, "index": torch.tensor(index)}

@@ -1,0 +1,165 @@
+"""Train the stage-1 vertebra segmenter on one fold of the segmented studies.
+
+    python -m stage1_seg.train --fold 0 [--resume] [--data-dir D] [--work-dir W] [key=value ...]
+    torchrun --nproc_per_node 2 -m stage1_seg.train --fold 0
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import distributed as D
+from common.cli import base_parser, resolve_data_dir, setup_logging
+from common.config import load_config, save_config, to_dict
+from common.constants import VERTEBRAE
+from common.folds import load_or_make_folds
+from common.trainer import fit
+from stage1_seg.augment import mixup
+from stage1_seg.config import Stage1Config
+from stage1_seg.data import SegDataset, prepare_cache
+from stage1_seg.model import build_model
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice, averaged over samples and classes. Shapes ``(B, K, D, H, W)``."""
+    probs = torch.sigmoid(logits.float())
+    dims = (2, 3, 4)
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float, dice_weight: float) -> torch.Tensor:
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target)
+    return bce_weight * bce + dice_weight * soft_dice_loss(logits, target)
+
+
+def dice_counts(probs: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-sample Dice ingredients at each threshold in ``THRESHOLDS``.
+
+    probs, target: ``(B, 7, D, H, W)``; the target is binarised at 0.5.
+    Returns ``inter`` and ``pred`` of shape (B, T, 7) and ``true`` of shape (B, 7).
+    """
+    truth = target >= 0.5
+    inter, pred = [], []
+    for t in THRESHOLDS:  # one class list per threshold: never a shared, aliased list
+        hit = probs >= t
+        inter.append((hit & truth).sum((2, 3, 4)))
+        pred.append(hit.sum((2, 3, 4)))
+    return {"inter": torch.stack(inter, 1).double().cpu().numpy(),
+            "pred": torch.stack(pred, 1).double().cpu().numpy(),
+            "true": truth.sum((2, 3, 4)).double().cpu().numpy()}
+
+
+def dice_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean over studies of per-class Dice; empty-vs-empty counts as 1."""
+    inter, pred, true = outputs["inter"], outputs["pred"], outputs["true"][:, None, :]
+    denom = pred + true
+    dice = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0).mean(0)  # (T, 7)
+    best = int(np.argmax(dice.mean(1)))
+    at_half = dice[THRESHOLDS.index(0.5)]
+    metrics = {"mean_dice": float(at_half.mean())}
+    metrics.update({f"dice_{name}": float(at_half[c]) for c, name in enumerate(VERTEBRAE)})
+    metrics.update({f"mean_dice@{t}": float(dice[i].mean()) for i, t in enumerate(THRESHOLDS)})
+    metrics["best_threshold"] = float(THRESHOLDS[best])
+    if "loss" in outputs:
+        metrics["val_loss"] = float(outputs["loss"].mean())
+    return metrics
+
+
+class SegTask:
+    stage = "stage1"
+    metric = "mean_dice"
+    metric_mode = "max"
+
+    def __init__(self, cfg: Stage1Config, data_dir: Path, work_dir: Path, train_uids: Sequence[str],
+                 val_uids: Sequence[str]) -> None:
+        self.cfg, self.data_dir, self.work_dir = cfg, data_dir, work_dir
+        self.train_uids, self.val_uids = list(train_uids), list(val_uids)
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model)
+
+    def datasets(self):
+        info = D.init_distributed()
+        cache = None
+        if info.is_main:
+            cache = prepare_cache(self.train_uids + self.val_uids, self.data_dir, self.work_dir,
+                                  self.cfg.preprocess, workers=max(1, self.cfg.train.num_workers))
+        cache = D.broadcast_object(cache)
+        channels = self.cfg.model.in_channels
+        return (SegDataset(self.train_uids, cache, channels, self.cfg.augment),
+                SegDataset(self.val_uids, cache, channels, None))
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+        image, target = batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
+        image, target = mixup(image, target, self.cfg.augment.mixup_p)
+        return seg_loss(model(image), target, self.cfg.loss.bce_weight, self.cfg.loss.dice_weight)
+
+    def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
+        image, target = batch["image"].to(device), batch["target"].to(device)
+        logits = model(image).float()
+        out = dice_counts(torch.sigmoid(logits), target)
+        losses = [seg_loss(logits[i:i + 1], target[i:i + 1], self.cfg.loss.bce_weight, self.cfg.loss.dice_weight)
+                  for i in range(len(logits))]
+        out["loss"] = torch.stack(losses).cpu().numpy()
+        return out
+
+    def compute_metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        return dice_metrics(outputs)
+
+    def on_best(self, outputs: dict[str, np.ndarray], out_dir: Path) -> None:
+        pass
+
+
+def fold_uids(folds, fold: int) -> tuple[list[str], list[str]]:
+    seg = folds[folds["seg_fold"] >= 0]
+    if fold not in set(seg["seg_fold"]):
+        raise ValueError(f"fold {fold} has no segmented studies (folds: {sorted(set(seg['seg_fold']))})")
+    train = seg.loc[seg["seg_fold"] != fold, "StudyInstanceUID"].tolist()
+    val = seg.loc[seg["seg_fold"] == fold, "StudyInstanceUID"].tolist()
+    return train, val
+
+
+def run(cfg: Stage1Config, data_dir: Path, work_dir: Path, fold: int, resume: bool = False) -> dict[str, Any]:
+    """Train one fold; returns the metrics written to ``work/stage1/<run>/fold<k>/metrics.json``."""
+    if cfg.preprocess.size % 32:
+        raise ValueError(f"preprocess.size must be a multiple of 32, got {cfg.preprocess.size}")
+    info = D.init_distributed()
+    if info.is_main:  # rank 0 writes the folds file once; the others read it after the barrier
+        load_or_make_folds(data_dir, work_dir, cfg.n_folds, cfg.fold_seed)
+    D.barrier()
+    folds = load_or_make_folds(data_dir, work_dir, cfg.n_folds, cfg.fold_seed)
+    train_uids, val_uids = fold_uids(folds, fold)
+    out_dir = Path(work_dir) / "stage1" / cfg.run / f"fold{fold}"
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    log.info("stage 1 fold %d: %d training and %d validation studies", fold, len(train_uids), len(val_uids))
+    task = SegTask(cfg, Path(data_dir), Path(work_dir), train_uids, val_uids)
+    return fit(task, cfg.train, out_dir, fold=fold, full_config=to_dict(cfg), resume=resume)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = base_parser("Train the stage-1 C1-C7 segmenter on one fold.", "stage1.yaml")
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from last.pt of this fold")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, int(os.environ.get("RANK", "0")))
+    cfg = load_config(Stage1Config, args.config, args.overrides)
+    return run(cfg, resolve_data_dir(args.data_dir), Path(args.work_dir), args.fold, args.resume)
+
+
+if __name__ == "__main__":
+    main()

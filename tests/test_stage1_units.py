@@ -1,0 +1,126 @@
+"""Stage-1 pieces that need no dataset: model, loss, Dice, augmentation, boxes, resampling."""
+import numpy as np
+import pytest
+import torch
+
+from common.volume import resample, resample_labels
+from stage1_seg.augment import augment_pair, mixup
+from stage1_seg.boxes import boxes_from_labels, vertebra_boxes, z_iou
+from stage1_seg.config import AugmentConfig, ModelConfig, PreprocessConfig
+from stage1_seg.data import preprocess_hu
+from stage1_seg.model import build_model
+from stage1_seg.train import dice_counts, dice_metrics, seg_loss, soft_dice_loss
+
+
+@pytest.mark.parametrize("encoder,channels", [("efficientnet-b0", 1), ("tu-tf_efficientnetv2_b0", 3)])
+def test_model_shapes_and_finite(encoder, channels):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder=encoder, in_channels=channels, decoder_channels=(32, 16, 16, 8, 8)))
+    out = model(torch.rand(1, channels, 32, 64, 32))
+    assert out.shape == (1, 7, 32, 64, 32)
+    assert torch.isfinite(out).all()
+
+
+def test_model_weights_file(tmp_path):
+    cfg = ModelConfig(encoder="efficientnet-b0", decoder_channels=(32, 16, 16, 8, 8))
+    torch.manual_seed(1)
+    source = build_model(cfg)
+    torch.save(source.encoder.state_dict(), tmp_path / "enc.pt")
+    torch.manual_seed(2)
+    loaded = build_model(ModelConfig(**{**cfg.__dict__, "weights_file": str(tmp_path / "enc.pt")}))
+    a, b = source.encoder.state_dict(), loaded.encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        build_model(ModelConfig(encoder="efficientnet-b0", weights_file=str(tmp_path / "nope.pt")))
+
+
+def test_dice_is_computed_per_class():
+    target = torch.zeros(1, 7, 4, 4, 4)
+    target[0, 0, :2] = 1  # C1 present, perfectly predicted
+    target[0, 1, 2:] = 1  # C2 present, missed entirely
+    probs = torch.zeros_like(target)
+    probs[0, 0, :2] = 0.9
+    metrics = dice_metrics(dice_counts(probs, target))
+    assert metrics["dice_C1"] == pytest.approx(1.0)
+    assert metrics["dice_C2"] == pytest.approx(0.0)
+    # classes absent from truth and prediction count as perfect
+    assert metrics["dice_C3"] == pytest.approx(1.0)
+    assert metrics["mean_dice"] == pytest.approx(6 / 7)
+
+
+def test_losses_prefer_the_right_answer():
+    target = (torch.rand(2, 7, 8, 8, 8) > 0.7).float()
+    good = (target * 2 - 1) * 6
+    bad = -good
+    assert soft_dice_loss(good, target) < 0.05 < soft_dice_loss(bad, target)
+    assert seg_loss(good, target, 0.5, 0.5) < seg_loss(bad, target, 0.5, 0.5)
+
+
+def test_augment_keeps_shapes_and_alignment():
+    torch.manual_seed(0)
+    image = torch.zeros(1, 16, 32, 32)
+    image[0, 4:12, 8:20, 10:22] = 1.0
+    target = torch.zeros(7, 16, 32, 32)
+    target[2] = image[0]
+    cfg = AugmentConfig(flip_p=1.0, affine_p=1.0, elastic_p=1.0, intensity_p=0.0)
+    for _ in range(5):
+        img, tgt = augment_pair(image, target, cfg)
+        assert img.shape == image.shape and tgt.shape == target.shape
+        # the label still sits on the object after the joint warp
+        assert torch.allclose(img[0], tgt[2], atol=1e-5)
+        assert tgt[[0, 1, 3, 4, 5, 6]].abs().max() == 0
+
+
+def test_no_flip_along_head_feet_axis():
+    image = torch.zeros(1, 8, 8, 8)
+    image[0, 0] = 1.0  # the top slice marked
+    cfg = AugmentConfig(flip_p=1.0, affine_p=0.0, elastic_p=0.0, intensity_p=0.0)
+    img, _ = augment_pair(image, torch.zeros(7, 8, 8, 8), cfg)
+    assert img[0, 0].min() == 1.0 and img[0, 1:].max() == 0.0
+
+
+def test_mixup_mixes_image_and_target_alike():
+    torch.manual_seed(3)
+    image, target = torch.rand(4, 1, 4, 4, 4), torch.rand(4, 7, 4, 4, 4)
+    mixed_img, mixed_tgt = mixup(image, target, p=1.0)
+    assert not torch.allclose(mixed_img, image)
+    assert mixed_tgt.min() >= 0 and mixed_tgt.max() <= 1
+
+
+def test_resampling_labels_never_averages_ids():
+    labels = np.zeros((20, 40, 40), np.uint8)
+    labels[:10] = 1
+    labels[10:] = 7
+    fractions = resample_labels(labels, (8, 16, 16))
+    assert fractions.shape == (7, 8, 16, 16)
+    assert np.allclose(fractions.sum(0), 1.0, atol=1e-5)
+    assert fractions[3:6].max() == 0  # no C4..C6 appears between C1 and C7
+    grown = resample(torch.ones(1, 4, 4, 4), (8, 6, 2))
+    assert grown.shape == (1, 8, 6, 2) and torch.allclose(grown, torch.ones_like(grown))
+
+
+def test_preprocess_window_range():
+    hu = np.full((10, 20, 20), -1000, np.int16)
+    hu[:, 5:15, 5:15] = 1500
+    cube = preprocess_hu(hu, PreprocessConfig(size=32))
+    assert cube.shape == (32, 32, 32) and cube.dtype == np.float32
+    assert cube.min() == 0.0 and cube.max() == pytest.approx(1.0)
+
+
+def test_boxes_map_back_to_original_coordinates():
+    labels = np.zeros((60, 64, 64), np.uint8)
+    labels[10:20, 16:32, 20:40] = 3
+    truth = boxes_from_labels(labels, "u")
+    row = truth.iloc[2]
+    assert (row.z0, row.z1, row.y0, row.y1, row.x0, row.x1) == (10, 19, 16, 32, 20, 40)
+    low = np.zeros((7, 30, 32, 32), np.float32)
+    low[2, 5:10, 8:16, 10:20] = 0.9
+    low[4, 0, 0, 0] = 0.1  # only at the fallback threshold, too small
+    pred = vertebra_boxes(low, labels.shape, "u", min_voxels=2)
+    assert pred.iloc[2].status == "found" and pred.iloc[4].status == "missing"
+    assert z_iou((pred.iloc[2].z0, pred.iloc[2].z1), (row.z0, row.z1)) == pytest.approx(1.0)
+    weak = low.copy()
+    weak[2] *= 0.1
+    assert vertebra_boxes(weak, labels.shape, "u").iloc[2].status == "weak"
+    with pytest.raises(ValueError, match="expected probabilities"):
+        vertebra_boxes(low[:3], labels.shape, "u")
