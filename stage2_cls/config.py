@@ -1,0 +1,64 @@
+"""Stage-2 config schema (see configs/stage2.yaml)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from common.trainer import TrainConfig
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    stage1_run: str = "default"        # reads work/stage1/<run>/masks and boxes.csv
+    n_slices: int = 15                 # evenly spaced over the vertebra's slice range
+    context: int = 2                   # +-2 neighbouring CT slices -> 5 image channels
+    size: int = 224                    # output height = width
+    margin: float = 0.15               # xy box grown by this fraction of its size on each side
+    window_center: float = 400.0
+    window_width: float = 1800.0
+    minmax: bool = False               # per-crop min-max scaling instead of the HU window
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "convnext_nano"    # any timm model; in_chans 6
+    in_chans: int = 6
+    weights_file: Optional[str] = None # local backbone weights; never downloaded
+    lstm_hidden: int = 256
+    lstm_layers: int = 2
+    dropout: float = 0.2
+    pooling: Literal["mean", "attention"] = "mean"
+    drop_path: float = 0.1
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip_p: float = 0.5
+    ssr_p: float = 0.7                 # shift-scale-rotate
+    shift: float = 0.1                 # fraction of the crop size
+    scale: float = 0.15                # zoom in [1 - scale, 1 + scale]
+    rotate_deg: float = 20.0
+    brightness_contrast_p: float = 0.5
+    blur_noise_p: float = 0.3
+    distortion_p: float = 0.3
+    cutout_p: float = 0.3
+    shuffle_p: float = 0.2             # shuffle slice order within a stack
+    mixup_p: float = 0.5
+    mixup_alpha: float = 1.0           # Beta(alpha, alpha) mixing weight (1: uniform)
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    run: str = "default"
+    n_folds: int = 5
+    fold_seed: int = 42
+    overall: Literal["noisy_or", "max"] = "noisy_or"  # patient_overall from C1..C7
+    preload_mb: float = 1024.0         # decode all crop files into memory when they fit in this
+    lru_studies: int = 16              # else: decoded studies kept per data-loader worker
+    decoded_cache: bool = False        # else also: uncompressed copies in work/stage2/decoded (31.6 MB/study at 224)
+    crop: CropConfig = field(default_factory=CropConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=15, batch_size=8, val_batch_size=8, lr=2e-4, weight_decay=5e-2, warmup_epochs=1.0))
