@@ -116,7 +116,9 @@ class _Loop:
                                           rank=self.dist.rank, shuffle=True, seed=cfg.seed)
         pin = self.device.type == "cuda"
         self.train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=self.sampler,
-                                       num_workers=cfg.num_workers, pin_memory=pin, drop_last=False,
+                                       num_workers=cfg.num_workers, pin_memory=pin,
+                                       # a lone last sample would break BatchNorm at a 1-voxel bottleneck
+                                       drop_last=len(self.sampler) > cfg.batch_size,
                                        worker_init_fn=_worker_init)
         self.val_loader = DataLoader(self.val_set, batch_size=cfg.val_batch_size, num_workers=cfg.num_workers,
                                      sampler=D.ShardSampler(len(self.val_set), self.dist.rank, self.dist.world_size),

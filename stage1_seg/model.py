@@ -28,6 +28,11 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     model = smp.Unet(encoder_name=cfg.encoder, encoder_weights=None, in_channels=cfg.in_channels,
                      classes=N_CLASSES, decoder_channels=tuple(cfg.decoder_channels),
                      encoder_depth=len(cfg.decoder_channels))
+    # The classification head of the efficientnet-b* encoders is never run by the U-Net;
+    # dropping it keeps DDP from waiting for gradients that never come.
+    for name in ("_conv_head", "_bn1"):
+        if isinstance(getattr(model.encoder, name, None), nn.Module):
+            delattr(model.encoder, name)
     if cfg.weights_file:
         load_weights(model, Path(cfg.weights_file))
     return model
