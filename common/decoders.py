@@ -1,16 +1,17 @@
 """Read one DICOM slice: a cheap header pass, then pixel decoding straight into HU.
 
-Decoder per transfer syntax, chosen by measurement on 512x512 CT slices, one core:
+Decoder per transfer syntax, chosen by measurement on 512x512 CT slices, one core
+(decoder alone; ``python -m common.bench`` times the whole of ``load_study``):
 
-| syntax                    | used here                | dicomsdl | gdcm            | pydicom     |
-| ------------------------- | ------------------------ | -------- | --------------- | ----------- |
-| Explicit / Implicit VR LE | own read into the volume | ~3,800/s | ~370/s          | ~740/s      |
-| JPEG Lossless .57 / .70   | dicomsdl                 | ~370/s   | ~190/s          | gdcm's [1]  |
-| RLE Lossless              | pydicom (pylibjpeg-rle)  | ~1,400/s | ~80/s           | ~640/s [2]  |
-| JPEG 2000 .90 / .91       | pydicom (gdcm plugin)    | ~42/s    | ~60/s, 1.7 cores | gdcm's     |
+| syntax                  | used here                         | also measured                  |
+| ----------------------- | --------------------------------- | ------------------------------ |
+| Explicit / Implicit LE  | own read into the volume          | dicomsdl 3,800/s, pydicom 740/s|
+| JPEG Lossless .57 / .70 | imagecodecs (libjpeg-turbo 3)     | dicomsdl 370/s, gdcm 190/s,    |
+|                         | 590/s when installed, else dicomsdl | pylibjpeg 93/s               |
+| RLE Lossless            | pydicom + pylibjpeg-rle 640/s     | dicomsdl 1,400/s [1], gdcm 80/s|
+| JPEG 2000 .90 / .91     | pydicom's gdcm plugin, 60/s on 1.7 cores | dicomsdl, imagecodecs 43/s |
 
-[1] pydicom picks gdcm when installed; with pylibjpeg alone it reads ~93 slices/s.
-[2] dicomsdl is faster but crashed the process on corrupt RLE data in fuzzing.
+[1] dicomsdl crashed the process on corrupt RLE data in fuzzing.
 
 pydicom handles JPEG 2000 because its gdcm plugin is multithreaded and it repairs
 codestreams whose signedness disagrees with Pixel Representation. Anything else, and
@@ -19,8 +20,8 @@ of ``pydicom.dcmread(f).pixel_array`` (unused high bits corrected the same way).
 
 dicomsdl crashes the interpreter on some malformed files (empty, truncated native
 pixel data, corrupted lengths, corrupt RLE), so it only parses headers up to the
-pixel data, and only decodes JPEG Lossless frames whose item table and JPEG header
-have first been checked here against the file size and the DICOM header.
+pixel data, and the fast decoders only see JPEG Lossless frames whose item table and
+JPEG header were first checked here against the file size and the DICOM header.
 """
 from __future__ import annotations
 
@@ -34,18 +35,20 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 
-try:  # optional fast decoder
+try:  # optional fast decoders
     import dicomsdl
 except ImportError:  # pragma: no cover - exercised only without dicomsdl
     dicomsdl = None
+try:
+    import imagecodecs  # libjpeg-turbo >= 3 decodes lossless JPEG, ~1.5x dicomsdl's speed
+except ImportError:
+    imagecodecs = None
 
 LOG = logging.getLogger(__name__)
 
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 JPEG_LOSSLESS_SYNTAXES = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
 RLE_SYNTAX = "1.2.840.10008.1.2.5"
-JPEG2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
-DICOMSDL_SYNTAXES = JPEG_LOSSLESS_SYNTAXES
 # pydicom plugins to use, in order, where its default choice is unsafe: gdcm aborts the
 # process on some corrupt JPEG Lossless streams and dicomsdl on some corrupt RLE ones,
 # whereas pylibjpeg raises (its Rust RLE decoder panics, which is catchable).
@@ -152,12 +155,7 @@ def _header_from_values(path: str, v: dict[str, Any], has_pixels: bool,
 
 
 def _header_dicomsdl(path: str) -> SliceHeader:
-    """Parse up to, not into, the pixel data and locate the PixelData element.
-
-    dicomsdl crashes the interpreter on some malformed files (an empty file, native
-    pixel data cut short); parsing only the header was robust in fuzzing, and the
-    pixel data is then validated here before dicomsdl ever decodes it.
-    """
+    """Parse up to, not into, the pixel data (robust in fuzzing) and locate PixelData."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         if fh.read(132)[128:] != b"DICM":  # includes empty files, which crash dicomsdl
@@ -301,10 +299,24 @@ def _check_jpeg_frame(frame: bytes, header: SliceHeader) -> None:
     raise ValueError("JPEG stream has no start-of-frame marker")
 
 
+def _validated_jpeg_frame(header: SliceHeader) -> bytes:
+    with open(header.path, "rb") as fh:
+        frame = _first_frame(header, fh.read())
+    _check_jpeg_frame(frame, header)
+    return frame
+
+
+def _stored_imagecodecs(header: SliceHeader, out: np.ndarray) -> np.ndarray:
+    """Decode JPEG Lossless with libjpeg-turbo (imagecodecs) straight into ``out``."""
+    stored = out.view(np.int16 if header.pixel_representation else np.uint16)
+    # Lossless JPEG has no sign: the decoder writes the raw bits, read back as ``stored``.
+    imagecodecs.jpeg8_decode(_validated_jpeg_frame(header), out=out.view(np.uint16))
+    return stored
+
+
 def _stored_dicomsdl(header: SliceHeader, out: np.ndarray) -> np.ndarray:
     """Decode JPEG Lossless with dicomsdl, after validating what it will read."""
-    with open(header.path, "rb") as fh:
-        _check_jpeg_frame(_first_frame(header, fh.read()), header)
+    _validated_jpeg_frame(header)
     ds = dicomsdl.open(header.path)
     info = ds.getPixelDataInfo()
     dtype = np.dtype(info["dtype"])
@@ -344,15 +356,22 @@ def _stored_pydicom(header: SliceHeader) -> np.ndarray:
         raise ValueError(f"{plugin or 'default'} plugin: {type(exc).__name__}: {exc}") from exc
 
 
+_FAST_READERS = {"native": _stored_native, "imagecodecs": _stored_imagecodecs,
+                 "dicomsdl": _stored_dicomsdl}
+
+
 def fast_path(header: SliceHeader) -> str:
-    """Decoder tried first for this slice: 'native', 'dicomsdl' or 'pydicom'."""
+    """Decoder tried first for this slice: 'native', 'imagecodecs', 'dicomsdl' or 'pydicom'."""
     if header.bits_allocated != 16 or header.samples_per_pixel != 1 \
             or header.n_frames != 1 or header.pixel_offset < 0:
         return "pydicom"
     if header.transfer_syntax in NATIVE_SYNTAXES:
         return "native"
-    if dicomsdl is not None and header.transfer_syntax in DICOMSDL_SYNTAXES:
-        return "dicomsdl"
+    if header.transfer_syntax in JPEG_LOSSLESS_SYNTAXES:
+        if imagecodecs is not None and imagecodecs.JPEG8.available:
+            return "imagecodecs"
+        if dicomsdl is not None:
+            return "dicomsdl"
     return "pydicom"
 
 
@@ -367,7 +386,7 @@ def decode_into(header: SliceHeader, out: np.ndarray, method: str = "auto") -> s
     path = fast_path(header) if method == "auto" else "pydicom"
     if path != "pydicom":
         try:
-            stored = (_stored_native if path == "native" else _stored_dicomsdl)(header, out)
+            stored = _FAST_READERS[path](header, out)
             correct_unused_bits(stored, header.bits_stored)
             rescale_into(stored, header.slope, header.intercept, out)
             return path

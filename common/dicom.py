@@ -44,6 +44,7 @@ class Study:
         non-negative patient-z component; origin: (3,) IPP of the first (top) slice;
         positions: (slices, 3) IPP of every slice.
     dropped: "path: reason" for every file left out of the volume.
+    decoders: how many slices each decoder read (e.g. {"native": 300}).
     """
 
     uid: str
@@ -58,6 +59,7 @@ class Study:
     positions: np.ndarray
     series_uid: str = ""
     dropped: list[str] = field(default_factory=list)
+    decoders: dict[str, int] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -170,7 +172,8 @@ def _log_dropped(reasons: dict[str, list[str]], dropped: list[str]) -> None:
     for reason, paths in reasons.items():
         names = ", ".join(os.path.basename(p) for p in paths[:5])
         more = f" (+{len(paths) - 5} more)" if len(paths) > 5 else ""
-        LOG.warning("dropped %d file(s), %s: %s%s", len(paths), reason, names, more)
+        LOG.warning("%s: dropped %d file(s), %s: %s%s", os.path.dirname(paths[0]),
+                    len(paths), reason, names, more)
         dropped.extend(f"{p}: {reason}" for p in paths)
 
 
@@ -205,26 +208,27 @@ def _z_spacing(z_positions: np.ndarray, first: SliceHeader, folder: Path) -> flo
 
 
 def _decode_volume(series: list[SliceHeader], tolerant: bool, method: str,
-                   dropped: list[str]) -> tuple[np.ndarray, np.ndarray]:
+                   dropped: list[str], used: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """Fill a preallocated (slices, rows, cols) int16 volume slice by slice.
 
     Returns the volume and a boolean mask of the slices that decoded. Failed slices are
-    squeezed out in place, so peak memory stays one volume plus one slice.
+    squeezed out in place, so peak memory stays one volume plus one slice. ``used``
+    counts the slices each decoder read.
     """
     first = series[0]
     hu = np.empty((len(series), first.rows, first.cols), dtype=np.int16)
     ok = np.ones(len(series), dtype=bool)
-    used: dict[str, int] = defaultdict(int)
     for i, h in enumerate(series):
         try:
-            used[decode_into(h, hu[i], method)] += 1
+            decoder = decode_into(h, hu[i], method)
+            used[decoder] = used.get(decoder, 0) + 1
         except DicomReadError as exc:
             if not tolerant:
                 raise
             LOG.warning("skipping slice that cannot be decoded: %s", exc)
             dropped.append(f"{h.path}: {exc.problem}")
             ok[i] = False
-    LOG.debug("decoders used: %s", dict(used))
+    LOG.debug("decoders used: %s", used)
     n_ok = int(ok.sum())
     if n_ok < len(series):
         for j, i in enumerate(np.flatnonzero(ok)):
@@ -251,7 +255,8 @@ def load_study(folder: str | os.PathLike, tolerant: bool = False, uid: str | Non
     series = _select_series(headers, folder, dropped)
     normal = _unit_normal(series[0].orientation)
     series, z_positions = _order_head_to_feet(series, normal, dropped)
-    hu, ok = _decode_volume(series, tolerant, method, dropped)
+    used: dict[str, int] = {}
+    hu, ok = _decode_volume(series, tolerant, method, dropped, used)
     if not ok.any():
         raise DicomReadError(folder, "no slice of the study could be decoded")
     series = [h for h, good in zip(series, ok) if good]
@@ -273,4 +278,5 @@ def load_study(folder: str | os.PathLike, tolerant: bool = False, uid: str | Non
         positions=np.array([h.position for h in series], dtype=np.float64),
         series_uid=first.series_uid,
         dropped=dropped,
+        decoders=used,
     )

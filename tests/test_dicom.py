@@ -65,13 +65,37 @@ def test_real_series_every_syntax_bit_identical(real_ct_transcoded, real_ct_stud
 
 
 def test_fast_decoder_is_chosen_where_measured_faster(real_ct_transcoded):
-    pytest.importorskip("dicomsdl")
+    from common import decoders
+
     first = lambda name: read_header(str(sorted(real_ct_transcoded[name].iterdir())[0]))
     assert fast_path(first("explicit-le")) == "native"
     assert fast_path(first("implicit-le")) == "native"
     assert fast_path(first("rle")) == "pydicom"  # dicomsdl crashed on corrupt RLE
-    assert fast_path(first("jpeg-lossless-70")) == "dicomsdl"
-    assert fast_path(first("jpeg2000-91")) == "pydicom"
+    assert fast_path(first("jpeg2000-91")) == "pydicom"  # its gdcm plugin is multithreaded
+    jpeg = "imagecodecs" if decoders.imagecodecs is not None else \
+        "dicomsdl" if decoders.dicomsdl is not None else "pydicom"
+    assert fast_path(first("jpeg-lossless-70")) == jpeg
+    assert load_study(real_ct_transcoded["jpeg-lossless-70"]).decoders == {jpeg: 4}
+
+
+@pytest.mark.parametrize("fmt", ["s16", "s12", "u16-high"])
+def test_every_jpeg_lossless_backend_is_exact(tmp_path, monkeypatch, fmt):
+    """imagecodecs, dicomsdl and pydicom (each when installed) give the same HU."""
+    from common import decoders
+
+    signed, bits, slope, intercept, lo, hi = FORMATS[fmt]
+    hu = ramp_volume((3, 12, 10), lo, hi)
+    write_ct_series(tmp_path, hu, signed=signed, bits_stored=bits, slope=slope,
+                    intercept=intercept, transfer_syntax=JPEG_LOSSLESS)
+    backends = {"pydicom": load_study(tmp_path, method="pydicom")}
+    if decoders.imagecodecs is not None:
+        backends["imagecodecs"] = load_study(tmp_path)
+    if decoders.dicomsdl is not None:
+        monkeypatch.setattr(decoders, "imagecodecs", None)
+        backends["dicomsdl"] = load_study(tmp_path)
+    for name, study in backends.items():
+        assert study.decoders == {name: 3}
+        np.testing.assert_array_equal(study.hu, hu)
 
 
 def test_j2k_codestream_sign_mismatch(tmp_path):
