@@ -1,0 +1,197 @@
+"""Train the stage-2 vertebra classifier on one fold.
+
+    python -m stage2_cls.train --fold 0 [--resume] [--data-dir D] [--work-dir W] [key=value ...]
+    torchrun --nproc_per_node 2 -m stage2_cls.train --fold 0
+
+Outputs go to ``W/stage2/<run>/fold<K>/`` (checkpoints, log.csv, metrics.json,
+config.yaml) and the best epoch's out-of-fold predictions to
+``W/stage2/<run>/oof_fold<K>.csv`` (StudyInstanceUID, C1..C7, patient_overall).
+
+Loss: binary cross-entropy with the metric's vertebra weights (positive 2,
+negative 1), normalised by the batch's weight sum: ``sum(w * l) / sum(w)``.
+With ``pooling: mean`` the loss of a sample is the mean over its slices of the
+per-slice BCE against the vertebra label (the winners' recipe: every slice of a
+fractured vertebra is pushed up); with ``pooling: attention`` it is the BCE of
+the attention-pooled vertebra logit. Validation scores the vertebra
+probability (mean of slice probabilities, or the attention output) instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from common import distributed as D
+from common.cli import base_parser, resolve_data_dir, setup_logging
+from common.config import load_config, save_config, to_dict
+from common.constants import PRED_CLIP, STUDY_COL, TARGETS, VERTEBRAE
+from common.folds import load_or_make_folds, split_uids
+from common.io import write_csv_atomic
+from common.metric import (best_constant, competition_score, constant_score, label_weights, pooled_score,
+                           read_labels_csv)
+from common.trainer import fit
+from stage2_cls.augment import StackAugmenter, mixup
+from stage2_cls.config import Stage2Config
+from stage2_cls.dataset import CropStore, VertebraDataset, available_crops, fill_missing, prepare_images
+from stage2_cls.model import build_model, vertebra_probability, weighted_loss
+
+log = logging.getLogger(__name__)
+
+
+def study_probabilities(vertebra_probs: np.ndarray, overall: str = "noisy_or") -> np.ndarray:
+    """(N, 7) vertebra probabilities -> (N, 8) in TARGETS order, clipped to PRED_CLIP.
+
+    patient_overall is the noisy-OR ``1 - prod(1 - p)`` (fracture anywhere, if
+    the vertebrae were independent) or the max over vertebrae.
+    """
+    p = np.clip(np.asarray(vertebra_probs, np.float64), 0.0, 1.0)
+    if overall == "noisy_or":
+        any_fracture = 1.0 - np.prod(1.0 - p, axis=1)
+    elif overall == "max":
+        any_fracture = p.max(axis=1)
+    else:
+        raise ValueError(f"overall must be 'noisy_or' or 'max', got {overall!r}")
+    return np.clip(np.concatenate([p, any_fracture[:, None]], axis=1), *PRED_CLIP)
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+class ClassifierTask:
+    """The stage-2 :class:`common.trainer.Task`."""
+
+    stage = "stage2"
+    metric = "score"
+    metric_mode = "min"
+
+    def __init__(self, cfg: Stage2Config, crops_dir: Path, run_dir: Path, fold: int,
+                 train_uids: Sequence[str], val_uids: Sequence[str], labels: pd.DataFrame,
+                 decoded_dir: Path | None = None) -> None:
+        self.cfg, self.crops_dir, self.run_dir, self.fold = cfg, crops_dir, run_dir, fold
+        self.train_uids, self.val_uids = list(train_uids), list(val_uids)
+        table = labels.set_index(STUDY_COL)
+        self.train_labels = table.loc[self.train_uids, list(TARGETS)].to_numpy(np.float64)
+        self.val_labels = table.loc[self.val_uids, list(TARGETS)].to_numpy(np.float64)
+        # Missing vertebrae get the training fold's best constant (what an empty input deserves).
+        self.prior = best_constant(self.train_labels)[: len(VERTEBRAE)]
+        self.decoded_dir = decoded_dir
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model)
+
+    def _store(self, uids: list[str]) -> CropStore:
+        store = CropStore(self.crops_dir, uids, self.cfg.lru_studies, self.decoded_dir)
+        if self.cfg.preload_mb > 0 and store.preload(self.cfg.preload_mb * 2**20):
+            log.info("decoded %d crop files into memory", len(uids))
+        return store
+
+    def datasets(self) -> tuple[VertebraDataset, VertebraDataset]:
+        vertebrae = slice(0, len(VERTEBRAE))
+        train = VertebraDataset(self._store(self.train_uids), self.train_labels[:, vertebrae], train=True,
+                                augment=StackAugmenter(self.cfg.augment))
+        val = VertebraDataset(self._store(self.val_uids), self.val_labels[:, vertebrae], train=False)
+        return train, val
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+        images = prepare_images(batch["image"], device)
+        label, weight = batch["label"].to(device), batch["weight"].to(device)
+        aug = self.cfg.augment
+        if aug.mixup_p > 0 and len(images) > 1 and np.random.random() < aug.mixup_p:
+            images, perm, lam = mixup(images, aug.mixup_alpha)
+            output = model(images)
+            return lam * weighted_loss(output, label, weight) + \
+                (1.0 - lam) * weighted_loss(output, label[perm], weight[perm])
+        return weighted_loss(model(images), label, weight)
+
+    def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
+        output = model(prepare_images(batch["image"], device))
+        return {"prob": vertebra_probability(output).float().cpu().numpy(),
+                "study_index": batch["study_index"].numpy(),
+                "vertebra": batch["vertebra"].numpy(),
+                "missing": batch["missing"].numpy()}
+
+    def study_table(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-sample outputs -> (N_val, 8) probabilities in TARGETS order."""
+        n = len(self.val_uids)
+        probs = np.full((n, len(VERTEBRAE)), np.nan)
+        missing = np.zeros((n, len(VERTEBRAE)), bool)
+        rows, cols = outputs["study_index"].astype(int), outputs["vertebra"].astype(int)
+        probs[rows, cols] = outputs["prob"]
+        missing[rows, cols] = outputs["missing"].astype(bool)
+        if np.isnan(probs).any():
+            raise RuntimeError(f"validation left {int(np.isnan(probs).sum())} (study, vertebra) pairs unpredicted")
+        return study_probabilities(fill_missing(probs, missing, self.prior), self.cfg.overall)
+
+    def compute_metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        y, p = self.val_labels, self.study_table(outputs)
+        yv, pv = y[:, :7], p[:, :7]
+        w = label_weights(y)[:, :7]
+        bce = -(yv * np.log(pv) + (1 - yv) * np.log(1 - pv))
+        return {"score": competition_score(y, p), "pooled_score": pooled_score(y, p),
+                "constant_score": constant_score(y, best_constant(y)),
+                "auc_vertebra": _auc(yv.ravel(), pv.ravel()), "auc_overall": _auc(y[:, 7], p[:, 7]),
+                "val_loss": float((w * bce).sum() / w.sum())}
+
+    def on_best(self, outputs: dict[str, np.ndarray], out_dir: Path) -> None:
+        table = pd.DataFrame(self.study_table(outputs), columns=list(TARGETS))
+        table.insert(0, STUDY_COL, self.val_uids)
+        write_csv_atomic(self.run_dir / f"oof_fold{self.fold}.csv", table[[STUDY_COL, *TARGETS]])
+
+
+def fold_studies(cfg: Stage2Config, data_dir: Path, work_dir: Path, fold: int
+                 ) -> tuple[list[str], list[str], pd.DataFrame]:
+    """(train UIDs, validation UIDs, train.csv labels) for ``fold``, keeping studies with a crop file."""
+    info = D.init_distributed()
+    if info.is_main:  # rank 0 writes the folds file once; the others read it after the barrier
+        load_or_make_folds(data_dir, work_dir, cfg.n_folds, cfg.fold_seed)
+    D.barrier()
+    folds = load_or_make_folds(data_dir, work_dir, cfg.n_folds, cfg.fold_seed)
+    train_uids, val_uids = split_uids(folds, fold)
+    crops_dir = work_dir / "crops"
+    train_uids, lack_train = available_crops(crops_dir, train_uids)
+    val_uids, lack_val = available_crops(crops_dir, val_uids)
+    if lack_train or lack_val:
+        log.warning("skipping %d training and %d validation studies without a crop file in %s "
+                    "(e.g. %s)", len(lack_train), len(lack_val), crops_dir, (lack_train + lack_val)[:3])
+    if not train_uids or not val_uids:
+        raise FileNotFoundError(f"fold {fold}: {len(train_uids)} training and {len(val_uids)} validation "
+                                f"studies have crops in {crops_dir}; run python -m stage2_cls.crop first")
+    return train_uids, val_uids, read_labels_csv(data_dir / "train.csv")
+
+
+def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, fold: int,
+        resume: bool = False) -> dict[str, Any]:
+    """Train one fold; returns the metrics written to ``work/stage2/<run>/fold<k>/metrics.json``."""
+    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    train_uids, val_uids, labels = fold_studies(cfg, data_dir, work_dir, fold)
+    run_dir = work_dir / "stage2" / cfg.run
+    out_dir = run_dir / f"fold{fold}"
+    if D.init_distributed().is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    log.info("stage 2 fold %d: %d training and %d validation studies", fold, len(train_uids), len(val_uids))
+    decoded = work_dir / "stage2" / "decoded" if cfg.decoded_cache else None
+    task = ClassifierTask(cfg, work_dir / "crops", run_dir, fold, train_uids, val_uids, labels, decoded)
+    return fit(task, cfg.train, out_dir, fold=fold, full_config=to_dict(cfg), resume=resume)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = base_parser("Train the stage-2 vertebra fracture classifier on one fold.", "stage2.yaml")
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from last.pt of this fold")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, int(os.environ.get("RANK", "0")))
+    cfg = load_config(Stage2Config, args.config, args.overrides)
+    return run(cfg, resolve_data_dir(args.data_dir), Path(args.work_dir), args.fold, args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Stage-2 model shapes, pooling, local weights, and augmentation consistency."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from stage2_cls.augment import StackAugmenter, mixup
+from stage2_cls.config import AugmentConfig, ModelConfig
+from stage2_cls.model import WeightsFileError, build_model, vertebra_logit, vertebra_probability
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(backbone="convnext_atto", lstm_hidden=16, dropout=0.1, drop_path=0.0)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("backbone", ["convnext_atto", "resnet18"])
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_shapes_finite_and_gradients(backbone, pooling):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(backbone=backbone, pooling=pooling))
+    x = torch.rand(2, 5, 6, 32, 32)
+    out = model(x)
+    assert out["slice_logits"].shape == (2, 5)
+    assert ("attention" in out) == (pooling == "attention")
+    if pooling == "attention":
+        assert torch.allclose(out["attention"].sum(1), torch.ones(2))
+    prob = vertebra_probability(out)
+    assert prob.shape == (2,) and torch.isfinite(prob).all() and ((prob > 0) & (prob < 1)).all()
+    assert torch.allclose(torch.sigmoid(vertebra_logit(out)), prob, atol=1e-6)
+    prob.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_mean_pooling_is_mean_of_slice_probabilities():
+    out = {"slice_logits": torch.tensor([[0.0, 2.0, -2.0], [30.0, -30.0, 0.0]])}
+    expected = torch.sigmoid(out["slice_logits"]).mean(1)
+    assert torch.allclose(vertebra_probability(out), expected)
+    assert torch.allclose(torch.sigmoid(vertebra_logit(out)), expected, atol=1e-6)
+    assert torch.isfinite(vertebra_logit({"slice_logits": torch.full((1, 4), 200.0)})).all()
+
+
+def test_rejects_wrong_input_rank():
+    with pytest.raises(ValueError, match="B, S, C, H, W"):
+        build_model(small_cfg())(torch.rand(2, 6, 32, 32))
+
+
+def test_local_weights_adapt_a_three_channel_stem(tmp_path):
+    rgb = timm.create_model("convnext_atto", pretrained=False, in_chans=3, num_classes=10)
+    path = tmp_path / "atto_rgb.pth"
+    torch.save(rgb.state_dict(), path)
+    model = build_model(small_cfg(weights_file=str(path)))
+    stem = model.backbone.state_dict()["stem.0.weight"]
+    assert stem.shape[1] == 6
+    expected = rgb.state_dict()["stem.0.weight"].mean(1, keepdim=True) * 0.5
+    assert torch.allclose(stem, expected.expand_as(stem))
+    key = "stages.1.blocks.0.conv_dw.weight"
+    assert torch.equal(model.backbone.state_dict()[key], rgb.state_dict()[key])
+    with pytest.raises(WeightsFileError, match="not found"):
+        build_model(small_cfg(weights_file=str(tmp_path / "absent.pth")))
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsFileError, match="no key matches"):
+        build_model(small_cfg(weights_file=str(tmp_path / "other.pth")))
+
+
+def test_geometric_augmentation_is_identical_across_channels_and_slices():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 48), dtype=np.uint8)
+    stack = np.broadcast_to(image, (7, 6, 48, 48)).copy()
+    only_geometry = AugmentConfig(flip_p=0.5, ssr_p=1.0, distortion_p=1.0, cutout_p=1.0,
+                                  brightness_contrast_p=0.0, blur_noise_p=0.0, shuffle_p=0.0)
+    augment = StackAugmenter(only_geometry)
+    changed = 0
+    for _ in range(5):
+        out = augment(stack)
+        assert out.shape == stack.shape and out.dtype == np.uint8
+        assert (out == out[:1, :1]).all()  # every slice and channel moved the same way
+        changed += int(not np.array_equal(out[0, 0], image))
+    assert changed == 5
+
+
+def test_intensity_augmentation_spares_the_mask_channel():
+    stack = np.full((3, 6, 32, 32), 100, np.uint8)
+    cfg = AugmentConfig(flip_p=0.0, ssr_p=0.0, distortion_p=0.0, cutout_p=0.0,
+                        brightness_contrast_p=1.0, blur_noise_p=1.0, shuffle_p=0.0)
+    out = StackAugmenter(cfg)(stack)
+    assert (out[:, 5] == 100).all()
+    assert not (out[:, :5] == 100).all()
+
+
+def test_slice_shuffle_permutes_whole_slices():
+    stack = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 6, 8, 8), np.uint8)
+    cfg = AugmentConfig(flip_p=0.0, ssr_p=0.0, distortion_p=0.0, cutout_p=0.0,
+                        brightness_contrast_p=0.0, blur_noise_p=0.0, shuffle_p=1.0)
+    np.random.seed(3)
+    out = StackAugmenter(cfg)(stack)
+    order = out[:, 0, 0, 0]
+    assert sorted(order.tolist()) == list(range(5)) and order.tolist() != list(range(5))
+    assert (out == order[:, None, None, None]).all()
+
+
+def test_mixup_mixes_with_a_permutation():
+    np.random.seed(0)
+    x = torch.arange(4, dtype=torch.float32)[:, None].repeat(1, 3)
+    mixed, perm, lam = mixup(x, alpha=1.0)
+    assert 0.0 <= lam <= 1.0 and sorted(perm.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
