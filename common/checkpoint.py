@@ -101,3 +101,21 @@ def _tuplify(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_tuplify(v) for v in value)
     return value
+
+
+def rebuild_model(path: str | Path, stage: str, schema: type, builder) -> tuple[torch.nn.Module, Any]:
+    """A trained model rebuilt from its checkpoint's resolved config with the training builder.
+
+    ``schema`` is the stage's config dataclass and ``builder(cfg.model)`` the
+    function training used; returns ``(model in eval mode on CPU, config)``.
+    """
+    from common.config import from_dict  # config imports io only; keep this module light
+
+    ckpt = load_checkpoint(path, stage=stage)
+    cfg = from_dict(schema, ckpt["config"], str(path))
+    model = builder(cfg.model)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes: {exc}") from exc
+    return model.eval(), cfg

@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import rebuild_model
 from common.cli import base_parser, resolve_data_dir, setup_logging
-from common.config import from_dict, load_config
+from common.config import load_config
 from common.constants import STUDY_COL, VERTEBRAE
 from common.dicom import load_study
 from common.distributed import choose_device
@@ -54,11 +54,8 @@ class Stage1Ensemble:
         self.flip_tta, self.amp = flip_tta, amp
         self.models, configs = [], []
         for path in checkpoints:
-            ckpt = load_checkpoint(path, stage="stage1")
-            cfg = from_dict(Stage1Config, ckpt["config"], str(path))
-            model = build_model(cfg.model)
-            model.load_state_dict(ckpt["model"])
-            self.models.append(model.to(self.device).eval())
+            model, cfg = rebuild_model(path, "stage1", Stage1Config, build_model)
+            self.models.append(model.to(self.device))
             configs.append(cfg)
         self.preprocess: PreprocessConfig = configs[0].preprocess
         self.in_channels = configs[0].model.in_channels

@@ -31,7 +31,7 @@ from torch import nn
 from common import distributed as D
 from common.cli import base_parser, resolve_data_dir, setup_logging
 from common.config import load_config, save_config, to_dict
-from common.constants import PRED_CLIP, STUDY_COL, TARGETS, VERTEBRAE
+from common.constants import STUDY_COL, TARGETS, VERTEBRAE
 from common.folds import load_or_make_folds, split_uids
 from common.io import write_csv_atomic
 from common.metric import (best_constant, competition_score, constant_score, label_weights, pooled_score,
@@ -40,25 +40,10 @@ from common.trainer import fit
 from stage2_cls.augment import StackAugmenter, mixup
 from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import CropStore, VertebraDataset, available_crops, fill_missing, prepare_images
+from stage2_cls.infer import study_probabilities
 from stage2_cls.model import build_model, vertebra_probability, weighted_loss
 
 log = logging.getLogger(__name__)
-
-
-def study_probabilities(vertebra_probs: np.ndarray, overall: str = "noisy_or") -> np.ndarray:
-    """(N, 7) vertebra probabilities -> (N, 8) in TARGETS order, clipped to PRED_CLIP.
-
-    patient_overall is the noisy-OR ``1 - prod(1 - p)`` (fracture anywhere, if
-    the vertebrae were independent) or the max over vertebrae.
-    """
-    p = np.clip(np.asarray(vertebra_probs, np.float64), 0.0, 1.0)
-    if overall == "noisy_or":
-        any_fracture = 1.0 - np.prod(1.0 - p, axis=1)
-    elif overall == "max":
-        any_fracture = p.max(axis=1)
-    else:
-        raise ValueError(f"overall must be 'noisy_or' or 'max', got {overall!r}")
-    return np.clip(np.concatenate([p, any_fracture[:, None]], axis=1), *PRED_CLIP)
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -1,0 +1,214 @@
+"""Write ``submission.csv`` for the studies of a test.csv, study by study, in memory.
+
+    python -m make_submission [--data-dir D] [--models-dir M] [--out submission.csv]
+                              [--time-budget HOURS] [key=value ...]
+
+Per study: load_study -> stage-1 fold ensemble -> vertebra boxes -> stacks (the
+same ``build_stacks`` as ``stage2_cls.crop``) -> stage-2 fold ensemble -> C1..C7
+and patient_overall (calibrated when ``calibration.json`` is present). A study
+that is missing or fails gets the prior and a log line; the run never stops on
+one study. ``--time-budget`` switches to one model per stage, then to the prior,
+before the budget runs out.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from common.checkpoint import load_checkpoint
+from common.cli import base_parser, resolve_data_dir, setup_logging
+from common.config import load_config
+from common.constants import PRED_CLIP, STUDY_COL, TARGETS
+from common.dicom import load_study
+from common.io import write_csv_atomic
+from common.metric import best_constant, expected_row_ids, read_labels_csv, validate_submission, wide_to_submission
+from stage1_seg.boxes import vertebra_boxes
+from stage1_seg.predict import Stage1Ensemble
+from stage2_cls.dataset import fill_missing
+from stage2_cls.infer import Stage2Ensemble, study_probabilities
+from stage2_cls.report import apply_calibration
+from stage2_cls.stacks import build_stacks
+
+log = logging.getLogger("make_submission")
+
+# Best constant per label on the 2019 training labels (COMPETITION.md), C1..C7, patient_overall:
+# the prior when no train.csv is at hand.
+COMPETITION_PRIOR = (0.103, 0.193, 0.051, 0.075, 0.111, 0.184, 0.256, 0.531)
+PHASES = ("decode", "stage1", "crops", "stage2")
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    stage1_checkpoints: str = "stage1/*/fold*/best.pt"   # globs, relative to the models folder
+    stage2_checkpoints: str = "stage2/*/fold*/best.pt"
+    calibration: str = "stage2/*/calibration.json"       # used when it exists
+    flip_tta: bool = False
+    amp: bool = True
+    time_budget_hours: float = 8.5                       # Kaggle allows 9 h
+    split: str = "test"                                  # images folder: <split>_images
+
+
+class Predictor:
+    """Both ensembles plus everything needed to turn one study into 8 probabilities."""
+
+    def __init__(self, models_dir: Path, cfg: SubmissionConfig, prior: np.ndarray) -> None:
+        s1 = _glob(models_dir, cfg.stage1_checkpoints, "stage-1")
+        s2 = _glob(models_dir, cfg.stage2_checkpoints, "stage-2")
+        log.info("models: %d stage-1 and %d stage-2 checkpoints from %s", len(s1), len(s2), models_dir)
+        self.stage1 = Stage1Ensemble(s1, flip_tta=cfg.flip_tta, amp=cfg.amp)
+        self.stage2 = Stage2Ensemble(s2, amp=cfg.amp)
+        self.box_cfg = _predict_settings(s1[0])
+        calib = sorted(glob.glob(str(models_dir / cfg.calibration)))
+        self.calibration = json.loads(Path(calib[0]).read_text()) if calib else None
+        log.info("calibration: %s", calib[0] if calib else "none (raw probabilities)")
+        self.prior = prior
+
+    def predict(self, folder: Path, cheap: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+        """One study folder -> (8,) probabilities in TARGETS order, and seconds per phase."""
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+        study = load_study(folder, tolerant=True)
+        times["decode"] = _lap(t)
+        t = time.perf_counter()
+        if cheap:
+            models, self.stage1.models = self.stage1.models, self.stage1.models[:1]
+        try:
+            probs = self.stage1.predict_hu(study.hu)
+        finally:
+            if cheap:
+                self.stage1.models = models
+        boxes = vertebra_boxes(probs, study.hu.shape, study.uid, **self.box_cfg)
+        times["stage1"] = _lap(t)
+        t = time.perf_counter()
+        stacks = build_stacks(study.hu, probs, boxes, self.stage2.crop)
+        times["crops"] = _lap(t)
+        t = time.perf_counter()
+        vertebra = self.stage2.predict(stacks.stacks, n_models=1 if cheap else None)
+        vertebra = fill_missing(vertebra[None], stacks.missing[None], self.prior[:7])
+        row = study_probabilities(vertebra, self.stage2.overall)
+        if self.calibration is not None:
+            row = apply_calibration(row, self.calibration)
+        times["stage2"] = _lap(t)
+        return row[0], times
+
+
+def _lap(start: float) -> float:
+    return time.perf_counter() - start
+
+
+def _glob(models_dir: Path, pattern: str, what: str) -> list[Path]:
+    found = sorted(Path(p) for p in glob.glob(str(models_dir / pattern)))
+    if not found:
+        raise FileNotFoundError(f"no {what} checkpoints match {models_dir / pattern}")
+    return found
+
+
+def _predict_settings(checkpoint: Path) -> dict[str, Any]:
+    predict = load_checkpoint(checkpoint, stage="stage1")["config"].get("predict", {})
+    return {"threshold": predict.get("threshold", 0.2), "fallback": predict.get("fallback_threshold", 0.05),
+            "min_voxels": predict.get("min_voxels", 8)}
+
+
+def load_prior(data_dir: Path) -> np.ndarray:
+    """Best constant per label from train.csv when present, else the competition's figures."""
+    path = data_dir / "train.csv"
+    if path.is_file():
+        labels = read_labels_csv(path)
+        prior = best_constant(labels[list(TARGETS)].to_numpy(np.float64))
+    else:
+        prior = np.asarray(COMPETITION_PRIOR)
+    return np.clip(prior, *PRED_CLIP)
+
+
+def read_test_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"test.csv not found: {path}")
+    frame = pd.read_csv(path, dtype={STUDY_COL: str, "row_id": str})
+    missing = {"row_id", STUDY_COL}.difference(frame.columns)
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    return frame
+
+
+def run(cfg: SubmissionConfig, data_dir: Path, models_dir: Path, out: Path,
+        test_csv: Path | None = None) -> dict[str, Any]:
+    """Predict every study of test.csv and write ``out``; returns a summary."""
+    started = time.perf_counter()
+    test = read_test_csv(test_csv or data_dir / "test.csv")
+    prior = load_prior(data_dir)
+    predictor = Predictor(models_dir, cfg, prior)
+    uids = list(dict.fromkeys(test[STUDY_COL]))
+    budget = cfg.time_budget_hours * 3600.0
+    rows, records = {}, []
+    bar = tqdm(uids, desc="studies", unit="study", dynamic_ncols=True)
+    for i, uid in enumerate(bar):
+        record = {STUDY_COL: uid, "status": "ok", **{p: np.nan for p in PHASES}}
+        elapsed = time.perf_counter() - started
+        per_study = elapsed / max(i, 1)
+        left = len(uids) - i
+        folder = data_dir / f"{cfg.split}_images" / uid
+        if elapsed + per_study > budget:
+            record["status"] = "prior: time budget"
+        elif not folder.is_dir():
+            record["status"] = "prior: no image folder"
+        else:
+            cheap = i > 0 and elapsed + left * per_study > 0.9 * budget
+            try:
+                rows[uid], times = predictor.predict(folder, cheap=cheap)
+                record.update(times, status="ok (one model per stage)" if cheap else "ok")
+            except Exception as exc:  # one bad study never stops the submission
+                log.error("study %s: %s: %s; using the prior", uid, type(exc).__name__, exc)
+                record["status"] = f"prior: {type(exc).__name__}"
+        if not record["status"].startswith("ok"):
+            rows[uid] = prior
+            if record["status"] != "prior: no image folder":
+                log.warning("study %s: %s", uid, record["status"])
+        records.append(record)
+    wide = pd.DataFrame([[u, *rows[u]] for u in uids], columns=[STUDY_COL, *TARGETS])
+    submission = wide_to_submission(wide, test)
+    validate_submission(submission, test["row_id"].tolist() if "row_id" in test else expected_row_ids(uids))
+    write_csv_atomic(out, submission)
+    timing = pd.DataFrame(records)
+    write_csv_atomic(out.with_name(out.stem + "_log.csv"), timing)
+    summary = _summary(timing, time.perf_counter() - started, out)
+    log.info("wrote %s: %s", out, summary)
+    return summary
+
+
+def _summary(timing: pd.DataFrame, seconds: float, out: Path) -> dict[str, Any]:
+    ok = timing["status"].str.startswith("ok")
+    per_phase = {p: float(timing.loc[ok, p].mean()) if ok.any() else float("nan") for p in PHASES}
+    return {"studies": len(timing), "predicted": int(ok.sum()), "fallback": int((~ok).sum()),
+            "seconds": round(seconds, 2), "seconds_per_study": per_phase,
+            "statuses": timing["status"].value_counts().to_dict(), "out": str(out)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = base_parser("Write submission.csv for the studies of test.csv.", "submission.yaml")
+    parser.add_argument("--models-dir", default=None,
+                        help="folder with stage1/<run>/fold*/best.pt and stage2/... (default: --work-dir)")
+    parser.add_argument("--out", default="submission.csv")
+    parser.add_argument("--test-csv", default=None, help="default: <data-dir>/test.csv")
+    parser.add_argument("--time-budget", type=float, default=None, help="hours (default from the config)")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    overrides = list(args.overrides)
+    if args.time_budget is not None:
+        overrides.append(f"time_budget_hours={args.time_budget}")
+    cfg = load_config(SubmissionConfig, args.config, overrides)
+    models_dir = Path(args.models_dir or args.work_dir)
+    test_csv = Path(args.test_csv) if args.test_csv else None
+    return run(cfg, resolve_data_dir(args.data_dir), models_dir, Path(args.out), test_csv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Stage-1 throughput: training samples/s and prediction studies/s, AMP beside fp32.
+
+    python -m stage1_seg.bench [--config configs/stage1.yaml] [--steps 10] [--batch-size 4] [key=value ...]
+
+Random weights and inputs at the configured cube size (128^3 by default); the
+prediction figure includes the shared preprocessing of a 300 x 512 x 512 study.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from common.cli import CONFIG_DIR
+from common.config import load_config
+from common.distributed import choose_device
+from common.trainer import autocast_context
+from stage1_seg.config import Stage1Config
+from stage1_seg.data import preprocess_hu
+from stage1_seg.model import build_model
+from stage1_seg.train import seg_loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_rate(cfg: Stage1Config, device: torch.device, amp: bool, batch: int, steps: int) -> float:
+    """Training samples/s (forward, backward, AdamW step)."""
+    model = build_model(cfg.model).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    size = cfg.preprocess.size
+    x = torch.rand(batch, cfg.model.in_channels, size, size, size, device=device)
+    y = (torch.rand(batch, 7, size, size, size, device=device) > 0.95).float()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    for i in range(steps + 2):  # two warm-up steps
+        if i == 2:
+            _sync(device)
+            start = time.perf_counter()
+        with autocast_context(device, amp):
+            loss = seg_loss(model(x), y, 0.5, 0.5)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    _sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict_rate(cfg: Stage1Config, device: torch.device, amp: bool, studies: int,
+                 shape: tuple[int, int, int]) -> tuple[float, float]:
+    """(studies/s including preprocessing, studies/s of the network alone)."""
+    model = build_model(cfg.model).to(device).eval()
+    hu = np.random.default_rng(0).integers(-1000, 1500, size=shape, dtype=np.int16)
+    cube = torch.from_numpy(preprocess_hu(hu, cfg.preprocess)).to(device)[None, None]
+    with autocast_context(device, amp):
+        model(cube)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    net = 0.0
+    for _ in range(studies):
+        x = torch.from_numpy(preprocess_hu(hu, cfg.preprocess)).to(device)[None, None]
+        _sync(device)
+        t = time.perf_counter()
+        with autocast_context(device, amp):
+            torch.sigmoid(model(x).float()).cpu()
+        _sync(device)
+        net += time.perf_counter() - t
+    return studies / (time.perf_counter() - start), studies / net
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(CONFIG_DIR / "stage1.yaml"))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--studies", type=int, default=5)
+    parser.add_argument("--study-shape", type=int, nargs=3, default=(300, 512, 512))
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(Stage1Config, args.config, args.overrides)
+    device = choose_device()
+    batch = args.batch_size or cfg.train.batch_size
+    torch.manual_seed(0)
+    print(f"device {device}  encoder {cfg.model.encoder}  cube {cfg.preprocess.size}^3  batch {batch}  "
+          f"torch threads {torch.get_num_threads()}")
+    modes = [("fp32", False), ("amp", True)] if device.type == "cuda" else [("fp32", False)]
+    print(f"{'mode':6} {'train samples/s':>16} {'predict studies/s':>18} {'network only':>13}")
+    for name, amp in modes:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        train = train_rate(cfg, device, amp, batch, args.steps)
+        full, net = predict_rate(cfg, device, amp, args.studies, tuple(args.study_shape))
+        print(f"{name:6} {train:16.2f} {full:18.2f} {net:13.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""make_submission end to end on a tiny synthetic dataset with tiny random-weight models."""
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import make_submission
+from common.metric import validate_submission
+from tests.tiny_models import write_tiny_dataset, write_tiny_models
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sub")
+    write_tiny_dataset(root / "data")
+    paths = write_tiny_models(root / "models", n_folds=2)
+    (root / "models" / "submission.yaml").write_text(yaml.safe_dump(paths))
+    return root
+
+
+def _config(root, **changes):
+    from common.config import load_config
+    return load_config(make_submission.SubmissionConfig, root / "models" / "submission.yaml",
+                       [f"{k}={v}" for k, v in changes.items()])
+
+
+def test_complete_submission_in_test_order(setup, tmp_path):
+    out = tmp_path / "submission.csv"
+    summary = make_submission.run(_config(setup), setup / "data", setup / "models", out)
+    test = pd.read_csv(setup / "data" / "test.csv", dtype=str)
+    sub = pd.read_csv(out, dtype={"row_id": str})
+    assert list(sub["row_id"]) == list(test["row_id"])
+    validate_submission(sub, test["row_id"])
+    assert sub["fractured"].between(1e-4, 1 - 1e-4).all()
+    assert summary["predicted"] == test["StudyInstanceUID"].nunique() and summary["fallback"] == 0
+    assert set(summary["seconds_per_study"]) == {"decode", "stage1", "crops", "stage2"}
+    log = pd.read_csv(tmp_path / "submission_log.csv")
+    assert (log["status"] == "ok").all()
+
+
+def test_missing_folder_and_broken_study_fall_back_to_prior(setup, tmp_path, caplog):
+    test = pd.read_csv(setup / "data" / "test.csv", dtype=str)
+    uids = list(dict.fromkeys(test["StudyInstanceUID"]))
+    broken = tmp_path / "data"
+    # a copy of the data whose first test study is corrupted, plus a study with no folder (public quirk)
+    import shutil
+    shutil.copytree(setup / "data", broken)
+    for f in (broken / "test_images" / uids[0]).iterdir():
+        f.write_bytes(b"not a dicom file")
+    ghost = "1.2.826.0.1.3680043.99999"
+    extra = pd.DataFrame({"row_id": [f"{ghost}_{t}" for t in ("C1", "C2", "C3", "C4", "C5", "C6", "C7",
+                                                              "patient_overall")],
+                          "StudyInstanceUID": ghost,
+                          "prediction_type": ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall"]})
+    pd.concat([test, extra]).to_csv(broken / "test.csv", index=False)
+    out = tmp_path / "submission.csv"
+    with caplog.at_level(logging.WARNING):
+        summary = make_submission.run(_config(setup), broken, setup / "models", out)
+    assert summary["fallback"] == 2 and summary["predicted"] == len(uids) - 1
+    sub = pd.read_csv(out, dtype={"row_id": str}).set_index("row_id")["fractured"]
+    prior = make_submission.load_prior(broken)
+    assert sub[f"{ghost}_patient_overall"] == pytest.approx(prior[7], abs=1e-6)
+    assert sub[f"{uids[0]}_C1"] == pytest.approx(prior[0], abs=1e-6)
+    assert uids[0] in caplog.text
+    statuses = pd.read_csv(tmp_path / "submission_log.csv").set_index("StudyInstanceUID")["status"]
+    assert statuses[ghost] == "prior: no image folder" and statuses[uids[0]].startswith("prior:")
+
+
+def test_time_budget_switches_to_prior(setup, tmp_path):
+    out = tmp_path / "submission.csv"
+    summary = make_submission.run(_config(setup, time_budget_hours=0.0), setup / "data", setup / "models", out)
+    assert summary["predicted"] == 0 and summary["statuses"] == {"prior: time budget": summary["studies"]}
+    sub = pd.read_csv(out)
+    assert np.isfinite(sub["fractured"]).all()
+
+
+def test_calibration_is_applied(setup, tmp_path):
+    calib = {"vertebra": {"temperature": 1.0, "bias": -3.0}, "overall": {"temperature": 1.0, "bias": 3.0}}
+    models = tmp_path / "models"
+    import shutil
+    shutil.copytree(setup / "models", models)
+    (models / "stage2" / "tiny" / "calibration.json").write_text(json.dumps(calib))
+    raw = make_submission.run(_config(setup), setup / "data", setup / "models", tmp_path / "raw.csv")
+    cal = make_submission.run(_config(setup), setup / "data", models, tmp_path / "cal.csv")
+    assert raw["predicted"] == cal["predicted"]
+    a = pd.read_csv(tmp_path / "raw.csv").set_index("row_id")["fractured"]
+    b = pd.read_csv(tmp_path / "cal.csv").set_index("row_id")["fractured"]
+    vert = [r for r in a.index if not r.endswith("patient_overall")]
+    overall = [r for r in a.index if r.endswith("patient_overall")]
+    assert (b[vert] < a[vert]).all() and (b[overall] > a[overall]).all()
+
+
+def test_missing_models_give_a_clear_error(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="stage-1 checkpoints"):
+        make_submission.run(_config(setup), setup / "data", tmp_path, tmp_path / "s.csv")
