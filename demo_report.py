@@ -85,7 +85,7 @@ def crop_gallery(crops: Path, oof: pd.DataFrame, labels: pd.DataFrame, path: Pat
             stack = npz["stacks"][c]
         for j, s in enumerate(np.linspace(0, len(stack) - 1, 8).round().astype(int)):
             ax = axes[row, j]
-            ax.imshow(stack[s, stack.shape[1] // 2 - 1], cmap="gray")
+            ax.imshow(stack[s, stack.shape[1] // 2 - 1], cmap="gray", vmin=0, vmax=255)  # centre CT slice
             ax.contour(stack[s, -1] > 127, levels=[0.5], colors="lime", linewidths=0.6)
             ax.axis("off")
         axes[row, 0].set_title(f"{VERTEBRAE[c]} {'fractured' if label else 'intact'}: p={prob:.2f}",

@@ -216,7 +216,7 @@ def sample_anatomy(rng: np.random.Generator, size: int, fractured: Sequence[int]
     drift = (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))
     fov = 2 * (head_a + 6.0 + 0.03 * depth) * rng.uniform(1.02, 1.12)
     pixel = round(fov / size, 6)
-    width = max(2.5, 1.8 * pixel)  # fracture gaps must span ~2 pixels to show at 128 px
+    width = max(4.0, 2.8 * pixel)  # fracture gaps span ~3 pixels at 128 px, so 64 px crops still show them
     kinds = {vt.label: _add_fracture(rng, vt, width) for vt in vertebrae[:7] if fractured[vt.label - 1]}
     blobs = np.column_stack([rng.uniform(-40, 40, 8) * g, rng.uniform(-45, 40, 8) * g,
                              rng.uniform(2.5, 6.0, 8) * g, rng.uniform(2.5, 6.0, 8) * g,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 from common.constants import STUDY_COL, VERTEBRAE
 
@@ -35,6 +36,15 @@ def _box_of(mask: np.ndarray, shape: tuple[int, int, int]) -> tuple[int, ...]:
     return z0, z1 - 1, y0, y1, x0, x1
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected blob of a boolean volume (stray voxels elsewhere would stretch the box)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
 def vertebra_boxes(probs: np.ndarray, shape: tuple[int, int, int], uid: str,
                    threshold: float = 0.2, fallback: float = 0.05, min_voxels: int = 8) -> pd.DataFrame:
     """Seven box rows for one study.
@@ -50,7 +60,7 @@ def vertebra_boxes(probs: np.ndarray, shape: tuple[int, int, int], uid: str,
     for c, name in enumerate(VERTEBRAE):
         row = {STUDY_COL: uid, "vertebra": name}
         for status, level in (("found", threshold), ("weak", fallback)):
-            mask = probs[c] >= level
+            mask = largest_component(probs[c] >= level)
             voxels = int(mask.sum())
             if voxels >= min_voxels:
                 z0, z1, y0, y1, x0, x1 = _box_of(mask, shape)

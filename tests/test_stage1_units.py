@@ -124,3 +124,11 @@ def test_boxes_map_back_to_original_coordinates():
     assert vertebra_boxes(weak, labels.shape, "u").iloc[2].status == "weak"
     with pytest.raises(ValueError, match="expected probabilities"):
         vertebra_boxes(low[:3], labels.shape, "u")
+
+
+def test_stray_voxels_do_not_stretch_a_box():
+    probs = np.zeros((7, 32, 32, 32), np.float32)
+    probs[6, 20:26, 10:20, 10:20] = 0.9   # C7 where it belongs
+    probs[6, 2:4, 2:4, 2:4] = 0.9         # a false blob far up the neck
+    row = vertebra_boxes(probs, (64, 64, 64), "u").iloc[6]
+    assert (row.z0, row.z1) == (40, 51) and row.voxels == 6 * 10 * 10
