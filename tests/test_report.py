@@ -8,10 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import load_config
 from common.constants import PRED_CLIP, STUDY_COL, TARGETS
 from common.metric import best_constant, competition_score, constant_score, pooled_score
-from stage2_cls.config import Stage2Config
 from stage2_cls.report import IDENTITY, ReportError, apply_calibration, fit_calibration, main, read_oof
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
