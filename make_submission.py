@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_checkpoint
 from common.cli import base_parser, resolve_data_dir, setup_logging
 from common.config import load_config
 from common.constants import PRED_CLIP, STUDY_COL, TARGETS
@@ -66,7 +65,9 @@ class Predictor:
         log.info("models: %d stage-1 and %d stage-2 checkpoints from %s", len(s1), len(s2), models_dir)
         self.stage1 = Stage1Ensemble(s1, flip_tta=cfg.flip_tta, amp=cfg.amp)
         self.stage2 = Stage2Ensemble(s2, amp=cfg.amp)
-        self.box_cfg = _predict_settings(s1[0])
+        predict = self.stage1.config.predict
+        self.box_cfg = {"threshold": predict.threshold, "fallback": predict.fallback_threshold,
+                        "min_voxels": predict.min_voxels}
         calib = sorted(glob.glob(str(models_dir / cfg.calibration)))
         self.calibration = json.loads(Path(calib[0]).read_text()) if calib else None
         log.info("calibration: %s", calib[0] if calib else "none (raw probabilities)")
@@ -79,13 +80,7 @@ class Predictor:
         study = load_study(folder, tolerant=True)
         times["decode"] = _lap(t)
         t = time.perf_counter()
-        if cheap:
-            models, self.stage1.models = self.stage1.models, self.stage1.models[:1]
-        try:
-            probs = self.stage1.predict_hu(study.hu)
-        finally:
-            if cheap:
-                self.stage1.models = models
+        probs = self.stage1.predict_hu(study.hu, n_models=1 if cheap else None)
         boxes = vertebra_boxes(probs, study.hu.shape, study.uid, **self.box_cfg)
         times["stage1"] = _lap(t)
         t = time.perf_counter()
@@ -110,12 +105,6 @@ def _glob(models_dir: Path, pattern: str, what: str) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no {what} checkpoints match {models_dir / pattern}")
     return found
-
-
-def _predict_settings(checkpoint: Path) -> dict[str, Any]:
-    predict = load_checkpoint(checkpoint, stage="stage1")["config"].get("predict", {})
-    return {"threshold": predict.get("threshold", 0.2), "fallback": predict.get("fallback_threshold", 0.05),
-            "min_voxels": predict.get("min_voxels", 8)}
 
 
 def load_prior(data_dir: Path) -> np.ndarray:

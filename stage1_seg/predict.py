@@ -57,18 +57,22 @@ class Stage1Ensemble:
             model, cfg = rebuild_model(path, "stage1", Stage1Config, build_model)
             self.models.append(model.to(self.device))
             configs.append(cfg)
+        self.config: Stage1Config = configs[0]
         self.preprocess: PreprocessConfig = configs[0].preprocess
         self.in_channels = configs[0].model.in_channels
         if any(c.preprocess != self.preprocess or c.model.in_channels != self.in_channels for c in configs):
             raise ValueError("stage-1 checkpoints disagree on preprocessing; ensemble models trained alike")
 
     @torch.no_grad()
-    def predict_cube(self, cube: np.ndarray) -> np.ndarray:
-        """Preprocessed cube ``(D, H, W)`` -> mean probabilities ``(7, D, H, W)`` float32."""
+    def predict_cube(self, cube: np.ndarray, n_models: int | None = None) -> np.ndarray:
+        """Preprocessed cube ``(D, H, W)`` -> mean probabilities ``(7, D, H, W)`` float32.
+
+        ``n_models`` limits the ensemble to its first models (a cheaper path under a time budget).
+        """
         x = torch.from_numpy(cube).to(self.device)[None, None].expand(1, self.in_channels, -1, -1, -1)
         total = torch.zeros((7, *cube.shape), device=self.device)
         count = 0
-        for model in self.models:
+        for model in self.models[:n_models] if n_models else self.models:
             views = [False, True] if self.flip_tta else [False]
             for flip in views:
                 inp = x.flip(-1) if flip else x
@@ -78,9 +82,9 @@ class Stage1Ensemble:
                 count += 1
         return (total / count).cpu().numpy()
 
-    def predict_hu(self, hu: np.ndarray) -> np.ndarray:
+    def predict_hu(self, hu: np.ndarray, n_models: int | None = None) -> np.ndarray:
         """HU volume ``(S, H, W)`` -> probabilities ``(7, d, h, w)`` as uint8 (x255)."""
-        probs = self.predict_cube(preprocess_hu(hu, self.preprocess))
+        probs = self.predict_cube(preprocess_hu(hu, self.preprocess), n_models)
         return np.round(probs * 255).astype(np.uint8)
 
 
