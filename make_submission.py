@@ -24,17 +24,17 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from common.cli import base_parser, resolve_data_dir, setup_logging
-from common.config import load_config
+from common.cli import parse_command
+from common.config import replace
 from common.constants import PRED_CLIP, STUDY_COL, TARGETS
 from common.dicom import load_study
 from common.io import write_csv_atomic
 from common.metric import best_constant, expected_row_ids, read_labels_csv, validate_submission, wide_to_submission
 from stage1_seg.boxes import vertebra_boxes
-from stage1_seg.predict import Stage1Ensemble
+from stage1_seg.infer import Stage1Ensemble
+from stage2_cls.calibration import apply_calibration
 from stage2_cls.dataset import fill_missing
 from stage2_cls.infer import Stage2Ensemble, study_probabilities
-from stage2_cls.report import apply_calibration
 from stage2_cls.stacks import build_stacks
 
 log = logging.getLogger("make_submission")
@@ -47,9 +47,9 @@ PHASES = ("decode", "stage1", "crops", "stage2")
 
 @dataclass(frozen=True)
 class SubmissionConfig:
-    stage1_checkpoints: str = "stage1/*/fold*/best.pt"   # globs, relative to the models folder
-    stage2_checkpoints: str = "stage2/*/fold*/best.pt"
-    calibration: str = "stage2/*/calibration.json"       # used when it exists
+    stage1_checkpoints: str = "stage1/default/fold*/best.pt"   # globs, relative to the models folder
+    stage2_checkpoints: str = "stage2/default/fold*/best.pt"
+    calibration: str = "stage2/default/calibration.json"       # read when it exists; used if it says so
     flip_tta: bool = False
     amp: bool = True
     time_budget_hours: float = 8.5                       # Kaggle allows 9 h
@@ -70,7 +70,10 @@ class Predictor:
                         "min_voxels": predict.min_voxels}
         calib = sorted(glob.glob(str(models_dir / cfg.calibration)))
         self.calibration = json.loads(Path(calib[0]).read_text()) if calib else None
-        log.info("calibration: %s", calib[0] if calib else "none (raw probabilities)")
+        if self.calibration is None:
+            log.info("calibration: no %s: raw probabilities", models_dir / cfg.calibration)
+        else:
+            log.info("calibration %s: %s", calib[0], self.calibration.get("reason", "used"))
         self.prior = prior
 
     def predict(self, folder: Path, cheap: bool = False) -> tuple[np.ndarray, dict[str, float]]:
@@ -90,8 +93,7 @@ class Predictor:
         vertebra = self.stage2.predict(stacks.stacks, n_models=1 if cheap else None)
         vertebra = fill_missing(vertebra[None], stacks.missing[None], self.prior[:7])
         row = study_probabilities(vertebra, self.stage2.overall)
-        if self.calibration is not None:
-            row = apply_calibration(row, self.calibration)
+        row = apply_calibration(row, self.calibration)
         times["stage2"] = _lap(t)
         return row[0], times
 
@@ -181,22 +183,23 @@ def _summary(timing: pd.DataFrame, seconds: float, out: Path) -> dict[str, Any]:
             "statuses": timing["status"].value_counts().to_dict(), "out": str(out)}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = base_parser("Write submission.csv for the studies of test.csv.", "submission.yaml")
+def _arguments(parser) -> None:
     parser.add_argument("--models-dir", default=None,
                         help="folder with stage1/<run>/fold*/best.pt and stage2/... (default: --work-dir)")
     parser.add_argument("--out", default="submission.csv")
     parser.add_argument("--test-csv", default=None, help="default: <data-dir>/test.csv")
     parser.add_argument("--time-budget", type=float, default=None, help="hours (default from the config)")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    overrides = list(args.overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cmd = parse_command("Write submission.csv for the studies of test.csv.", "submission.yaml",
+                        SubmissionConfig, argv, _arguments)
+    args, cfg = cmd.args, cmd.cfg
     if args.time_budget is not None:
-        overrides.append(f"time_budget_hours={args.time_budget}")
-    cfg = load_config(SubmissionConfig, args.config, overrides)
-    models_dir = Path(args.models_dir or args.work_dir)
+        cfg = replace(cfg, time_budget_hours=args.time_budget)
+    models_dir = Path(args.models_dir) if args.models_dir else cmd.work_dir
     test_csv = Path(args.test_csv) if args.test_csv else None
-    return run(cfg, resolve_data_dir(args.data_dir), models_dir, Path(args.out), test_csv)
+    return run(cfg, cmd.data_dir, models_dir, Path(args.out), test_csv)
 
 
 if __name__ == "__main__":

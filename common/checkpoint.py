@@ -7,12 +7,10 @@ the resolved config, fold, epoch and git commit.
 from __future__ import annotations
 
 import logging
-import random
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from common.io import atomic_path
@@ -70,37 +68,6 @@ def load_checkpoint(path: str | Path, stage: str | None = None,
     if stage is not None and payload.get("stage") != stage:
         raise CheckpointError(f"{path}: a {payload.get('stage')} checkpoint, expected {stage}")
     return payload
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states in a ``weights_only``-safe form."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_tuplify(state["python"]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
-                         np_state["pos"], np_state["has_gauss"], np_state["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuplify(value: Any) -> Any:
-    """``random.setstate`` wants tuples; a round trip may have turned them into lists."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_tuplify(v) for v in value)
-    return value
 
 
 def rebuild_model(path: str | Path, stage: str, schema: type, builder) -> tuple[torch.nn.Module, Any]:

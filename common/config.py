@@ -7,6 +7,7 @@ with a default.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -44,7 +45,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``a.b.c=value`` applied (value parsed as YAML)."""
-    out = _deep_copy(raw)
+    out = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
@@ -194,7 +195,3 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from common.device import choose_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -28,13 +30,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def choose_device(local_rank: int = 0) -> torch.device:
-    """CUDA when available (one GPU per local rank), else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def init_distributed() -> DistInfo:

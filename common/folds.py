@@ -4,7 +4,12 @@ Every study of train.csv gets a ``fold`` (stage 2, stratified on C1..C7 and
 patient_overall). The studies with a segmentation mask also get a ``seg_fold``
 (stage 1), assigned the same way among themselves only; the others get -1.
 ``load_or_make_folds`` writes ``folds.csv`` (plus its settings in ``folds.json``)
-the first time and then reuses it, so every run and every stage sees the same split.
+the first time and then reuses it, so every run and every stage sees the same split:
+the folds file is the one place the number of folds and their seed are set.
+The first training command makes it with the defaults (5 folds, seed 42); to
+choose others, make it first:
+
+    python -m common.folds --data-dir D --work-dir W --n-folds 4 --seed 7
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from common.io import write_csv_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
+N_FOLDS = 5
+FOLD_SEED = 42
 FOLDS_CSV = "folds.csv"
 FOLDS_JSON = "folds.json"
 # Below this many studies per fold, iterative stratification has nothing to balance.
@@ -159,15 +166,15 @@ def read_folds(path: str | Path) -> pd.DataFrame:
 
 
 def _check_saved(folds_csv: Path, folds: pd.DataFrame, labels: pd.DataFrame,
-                 seg_uids: list[str], n_folds: int, seed: int) -> None:
-    """Raise FoldsError unless the saved split matches the request and the data."""
+                 seg_uids: list[str], n_folds: int | None, seed: int | None) -> None:
+    """Raise FoldsError unless the saved split matches the request (None: any) and the data."""
     folds_json = folds_csv.with_name(FOLDS_JSON)
     hint = f"delete {folds_csv} and {folds_json} to remake them, or pass matching settings"
     try:
         saved = json.loads(folds_json.read_text())
     except (OSError, ValueError) as err:
         raise FoldsError(f"{folds_json} is missing or unreadable ({err}); {hint}") from None
-    if (saved.get("n_folds"), saved.get("seed")) != (n_folds, seed):
+    if (n_folds is not None and saved.get("n_folds") != n_folds) or (seed is not None and saved.get("seed") != seed):
         raise FoldsError(f"{folds_csv} was made with n_folds={saved.get('n_folds')} "
                          f"seed={saved.get('seed')}, but n_folds={n_folds} seed={seed} "
                          f"was requested; {hint}")
@@ -182,13 +189,14 @@ def _check_saved(folds_csv: Path, folds: pd.DataFrame, labels: pd.DataFrame,
                          f"segmentations folder now gives {len(set(seg_uids) & uids)}; {hint}")
 
 
-def load_or_make_folds(data_dir: str | Path, work_dir: str | Path, n_folds: int = 5,
-                       seed: int = 42) -> pd.DataFrame:
+def load_or_make_folds(data_dir: str | Path, work_dir: str | Path, n_folds: int | None = None,
+                       seed: int | None = None) -> pd.DataFrame:
     """The fold table ``StudyInstanceUID, fold, seg_fold`` for ``<data_dir>/train.csv``.
 
-    Made once and saved to ``<work_dir>/folds.csv`` (settings in ``folds.json``);
-    later calls reuse it after checking it matches ``n_folds``, ``seed`` and the
-    studies and segmentations found now.
+    Made once (with ``n_folds`` and ``seed``, by default N_FOLDS and FOLD_SEED) and
+    saved to ``<work_dir>/folds.csv`` (settings in ``folds.json``); later calls reuse
+    it after checking it matches the studies and segmentations found now, and
+    ``n_folds`` / ``seed`` when given.
     """
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     train_csv = data_dir / "train.csv"
@@ -201,10 +209,11 @@ def load_or_make_folds(data_dir: str | Path, work_dir: str | Path, n_folds: int 
     if folds_csv.is_file():
         folds = read_folds(folds_csv)
         _check_saved(folds_csv, folds, labels, seg_uids, n_folds, seed)
-        logger.info("reusing %s (%d studies, %d folds, seed %d)",
-                    folds_csv, len(folds), n_folds, seed)
+        logger.info("reusing %s (%d studies, %d folds)", folds_csv, len(folds), int(folds["fold"].max()) + 1)
         return folds
 
+    n_folds = N_FOLDS if n_folds is None else n_folds
+    seed = FOLD_SEED if seed is None else seed
     try:
         folds = make_folds(labels, seg_uids, n_folds=n_folds, seed=seed)
     except FoldsError as err:
@@ -231,3 +240,45 @@ def split_uids(folds: pd.DataFrame, fold: int, column: str = "fold") -> tuple[li
         raise FoldsError(f"fold {fold} out of range: {column} has folds 0..{n_folds - 1}")
     uids = folds[STUDY_COL].astype(str)
     return uids[(values >= 0) & (values != fold)].tolist(), uids[values == fold].tolist()
+
+
+def fold_split(data_dir: str | Path, work_dir: str | Path, fold: int,
+               column: str = "fold") -> tuple[list[str], list[str]]:
+    """(train UIDs, validation UIDs) of ``fold``: the one fold split both stages use.
+
+    ``column`` is "fold" (every study, stage 2) or "seg_fold" (segmented studies,
+    stage 1). Under torchrun, rank 0 makes the folds file and the others read it.
+    """
+    from common import distributed as D  # torch is only needed here
+
+    if D.init_distributed().is_main:
+        load_or_make_folds(data_dir, work_dir)
+    D.barrier()
+    folds = load_or_make_folds(data_dir, work_dir)
+    if column == "seg_fold" and not (folds["seg_fold"] >= 0).any():
+        raise FoldsError(f"{Path(data_dir) / 'segmentations'} holds no segmentation of a train.csv study: "
+                         "stage 1 cannot train")
+    return split_uids(folds, fold, column)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    import argparse
+
+    from common.cli import resolve_data_dir, setup_logging
+
+    parser = argparse.ArgumentParser(description="Make the seeded, stratified folds every stage uses "
+                                                 "(work/folds.csv); reuses them when they already exist.")
+    parser.add_argument("--data-dir", default=None, help="RSNA data root (default: $RSNA_DATA_DIR)")
+    parser.add_argument("--work-dir", default="work")
+    parser.add_argument("--n-folds", type=int, default=N_FOLDS)
+    parser.add_argument("--seed", type=int, default=FOLD_SEED)
+    args = parser.parse_args(argv)
+    setup_logging()
+    folds = load_or_make_folds(resolve_data_dir(args.data_dir), Path(args.work_dir), args.n_folds, args.seed)
+    print(folds.groupby("fold").size().rename("studies").to_frame().assign(
+        segmented=folds[folds["seg_fold"] >= 0].groupby("seg_fold").size()).fillna(0).astype(int))
+    return folds
+
+
+if __name__ == "__main__":
+    main()

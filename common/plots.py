@@ -21,19 +21,19 @@ def save_figure(fig: "plt.Figure", path: str | Path, dpi: int = 100) -> None:
 
 def plot_learning_curves(history: Sequence[dict[str, float]], path: str | Path,
                          metric: str, title: str = "") -> None:
-    """Two panels: losses per epoch, and the stage's validation ``metric`` per epoch."""
-    epochs = [row["epoch"] for row in history]
+    """Two panels: losses, and the stage's validation ``metric``, against optimiser steps."""
+    steps = [row["step"] for row in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key in ("train_loss", "val_loss"):
         values = [row.get(key) for row in history]
         if any(v is not None for v in values):
-            ax_loss.plot(epochs, values, marker="o", label=key)
-    ax_loss.set_xlabel("epoch")
+            ax_loss.plot(steps, values, marker="o", label=key)
+    ax_loss.set_xlabel("optimiser step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    ax_metric.plot(epochs, [row.get(metric) for row in history], marker="o", color="tab:green")
-    ax_metric.set_xlabel("epoch")
+    ax_metric.plot(steps, [row.get(metric) for row in history], marker="o", color="tab:green")
+    ax_metric.set_xlabel("optimiser step")
     ax_metric.set_ylabel(metric)
     ax_metric.grid(alpha=0.3)
     if title:

@@ -14,78 +14,20 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import rebuild_model
-from common.cli import base_parser, resolve_data_dir, setup_logging
-from common.config import load_config
+from common.cli import parse_command
 from common.constants import STUDY_COL, VERTEBRAE
 from common.dicom import load_study
-from common.distributed import choose_device
 from common.io import save_npz_atomic, write_csv_atomic, write_json_atomic
-from common.trainer import autocast_context
 from common.nifti import load_rsna_mask
 from stage1_seg.boxes import BOX_COLUMNS, STATUSES, boxes_from_labels, vertebra_boxes, z_iou
-from stage1_seg.config import PreprocessConfig, Stage1Config
-from stage1_seg.data import preprocess_hu
-from stage1_seg.model import build_model
+from stage1_seg.config import Stage1Config
+from stage1_seg.infer import Stage1Ensemble, find_checkpoints
 
 log = logging.getLogger(__name__)
 
 _COORDS = ["z0", "z1", "y0", "y1", "x0", "x1", "voxels"]
-
-
-def find_checkpoints(run_dir: Path, folds: Sequence[int], name: str = "best.pt") -> list[Path]:
-    """The fold checkpoints that exist under ``run_dir``; an error when there are none."""
-    found = [run_dir / f"fold{k}" / name for k in folds if (run_dir / f"fold{k}" / name).is_file()]
-    if not found:
-        raise FileNotFoundError(f"no stage-1 checkpoints ({name}) for folds {list(folds)} under {run_dir}; "
-                                "train with `python -m stage1_seg.train --fold K` first")
-    return found
-
-
-class Stage1Ensemble:
-    """Fold models rebuilt from their saved configs; mean of sigmoids, optional flip TTA."""
-
-    def __init__(self, checkpoints: Sequence[Path], device: torch.device | None = None,
-                 flip_tta: bool = False, amp: bool = True) -> None:
-        self.device = device or choose_device()
-        self.flip_tta, self.amp = flip_tta, amp
-        self.models, configs = [], []
-        for path in checkpoints:
-            model, cfg = rebuild_model(path, "stage1", Stage1Config, build_model)
-            self.models.append(model.to(self.device))
-            configs.append(cfg)
-        self.config: Stage1Config = configs[0]
-        self.preprocess: PreprocessConfig = configs[0].preprocess
-        self.in_channels = configs[0].model.in_channels
-        if any(c.preprocess != self.preprocess or c.model.in_channels != self.in_channels for c in configs):
-            raise ValueError("stage-1 checkpoints disagree on preprocessing; ensemble models trained alike")
-
-    @torch.no_grad()
-    def predict_cube(self, cube: np.ndarray, n_models: int | None = None) -> np.ndarray:
-        """Preprocessed cube ``(D, H, W)`` -> mean probabilities ``(7, D, H, W)`` float32.
-
-        ``n_models`` limits the ensemble to its first models (a cheaper path under a time budget).
-        """
-        x = torch.from_numpy(cube).to(self.device)[None, None].expand(1, self.in_channels, -1, -1, -1)
-        total = torch.zeros((7, *cube.shape), device=self.device)
-        count = 0
-        for model in self.models[:n_models] if n_models else self.models:
-            views = [False, True] if self.flip_tta else [False]
-            for flip in views:
-                inp = x.flip(-1) if flip else x
-                with autocast_context(self.device, self.amp):
-                    probs = torch.sigmoid(model(inp).float())[0]
-                total += probs.flip(-1) if flip else probs
-                count += 1
-        return (total / count).cpu().numpy()
-
-    def predict_hu(self, hu: np.ndarray, n_models: int | None = None) -> np.ndarray:
-        """HU volume ``(S, H, W)`` -> probabilities ``(7, d, h, w)`` as uint8 (x255)."""
-        probs = self.predict_cube(preprocess_hu(hu, self.preprocess), n_models)
-        return np.round(probs * 255).astype(np.uint8)
 
 
 def list_studies(data_dir: Path, split: str) -> list[str]:
@@ -176,15 +118,16 @@ def run(cfg: Stage1Config, data_dir: Path, work_dir: Path, splits: Sequence[str]
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = base_parser("Predict C1-C7 masks and vertebra boxes with the stage-1 ensemble.", "stage1.yaml")
+def _arguments(parser) -> None:
     parser.add_argument("--split", nargs="+", choices=["train", "test"], default=None,
                         help="which image folders (default: predict.splits from the config)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N studies")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    cfg = load_config(Stage1Config, args.config, args.overrides)
-    return run(cfg, resolve_data_dir(args.data_dir), Path(args.work_dir), args.split, args.limit)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cmd = parse_command("Predict C1-C7 masks and vertebra boxes with the stage-1 ensemble.", "stage1.yaml",
+                        Stage1Config, argv, _arguments)
+    return run(cmd.cfg, cmd.data_dir, cmd.work_dir, cmd.args.split, cmd.args.limit)
 
 
 if __name__ == "__main__":

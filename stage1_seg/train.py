@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,11 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # smp-3d warns about timm internals on import
+    from segmentation_models_pytorch_3d.losses import DiceLoss
+
 from common import distributed as D
-from common.cli import base_parser, resolve_data_dir, setup_logging
-from common.config import load_config, save_config, to_dict
+from common.cli import add_fold_arguments, parse_command
+from common.config import to_dict
 from common.constants import VERTEBRAE
-from common.folds import load_or_make_folds
+from common.folds import fold_split
 from common.trainer import fit
 from stage1_seg.augment import mixup
 from stage1_seg.config import Stage1Config
@@ -27,22 +31,20 @@ from stage1_seg.data import SegDataset, prepare_cache
 from stage1_seg.model import build_model
 
 log = logging.getLogger(__name__)
+_DICE = DiceLoss(mode="multilabel", from_logits=True, smooth=1.0)
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice, averaged over samples and classes. Shapes ``(B, K, D, H, W)``."""
-    probs = torch.sigmoid(logits.float())
-    dims = (2, 3, 4)
-    inter = (probs * target).sum(dims)
-    denom = probs.sum(dims) + target.sum(dims)
-    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
-
-
 def seg_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float, dice_weight: float) -> torch.Tensor:
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target)
-    return bce_weight * bce + dice_weight * soft_dice_loss(logits, target)
+    """``bce_weight`` x BCE + ``dice_weight`` x soft Dice loss; logits and soft targets ``(B, 7, D, H, W)``.
+
+    The Dice term is smp's multilabel soft Dice (per class over the whole batch,
+    smoothing 1), the batch-level soft Dice of the winners' stage 1.
+    """
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    return bce_weight * bce + dice_weight * _DICE(logits, target)
 
 
 def dice_counts(probs: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
@@ -78,6 +80,13 @@ def dice_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
     return metrics
 
 
+def batch_loss(cfg: Stage1Config, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """The training loss of one batch (``image`` (B, C, D, H, W), ``target`` (B, 7, D, H, W)), mixup included."""
+    image, target = batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
+    image, target = mixup(image, target, cfg.augment.mixup_p)
+    return seg_loss(model(image), target, cfg.loss.bce_weight, cfg.loss.dice_weight)
+
+
 class SegTask:
     stage = "stage1"
     metric = "mean_dice"
@@ -103,9 +112,7 @@ class SegTask:
                 SegDataset(self.val_uids, cache, channels, None))
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-        image, target = batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
-        image, target = mixup(image, target, self.cfg.augment.mixup_p)
-        return seg_loss(model(image), target, self.cfg.loss.bce_weight, self.cfg.loss.dice_weight)
+        return batch_loss(self.cfg, model, batch, device)
 
     def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
         image, target = batch["image"].to(device), batch["target"].to(device)
@@ -123,42 +130,21 @@ class SegTask:
         pass
 
 
-def fold_uids(folds, fold: int) -> tuple[list[str], list[str]]:
-    seg = folds[folds["seg_fold"] >= 0]
-    if fold not in set(seg["seg_fold"]):
-        raise ValueError(f"fold {fold} has no segmented studies (folds: {sorted(set(seg['seg_fold']))})")
-    train = seg.loc[seg["seg_fold"] != fold, "StudyInstanceUID"].tolist()
-    val = seg.loc[seg["seg_fold"] == fold, "StudyInstanceUID"].tolist()
-    return train, val
-
-
 def run(cfg: Stage1Config, data_dir: Path, work_dir: Path, fold: int, resume: bool = False) -> dict[str, Any]:
     """Train one fold; returns the metrics written to ``work/stage1/<run>/fold<k>/metrics.json``."""
     if cfg.preprocess.size % 32:
         raise ValueError(f"preprocess.size must be a multiple of 32, got {cfg.preprocess.size}")
-    info = D.init_distributed()
-    if info.is_main:  # rank 0 writes the folds file once; the others read it after the barrier
-        load_or_make_folds(data_dir, work_dir, cfg.n_folds, cfg.fold_seed)
-    D.barrier()
-    folds = load_or_make_folds(data_dir, work_dir, cfg.n_folds, cfg.fold_seed)
-    train_uids, val_uids = fold_uids(folds, fold)
+    train_uids, val_uids = fold_split(data_dir, work_dir, fold, "seg_fold")
     out_dir = Path(work_dir) / "stage1" / cfg.run / f"fold{fold}"
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
     log.info("stage 1 fold %d: %d training and %d validation studies", fold, len(train_uids), len(val_uids))
     task = SegTask(cfg, Path(data_dir), Path(work_dir), train_uids, val_uids)
     return fit(task, cfg.train, out_dir, fold=fold, full_config=to_dict(cfg), resume=resume)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = base_parser("Train the stage-1 C1-C7 segmenter on one fold.", "stage1.yaml")
-    parser.add_argument("--fold", type=int, required=True)
-    parser.add_argument("--resume", action="store_true", help="continue from last.pt of this fold")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose, int(os.environ.get("RANK", "0")))
-    cfg = load_config(Stage1Config, args.config, args.overrides)
-    return run(cfg, resolve_data_dir(args.data_dir), Path(args.work_dir), args.fold, args.resume)
+    cmd = parse_command("Train the stage-1 C1-C7 segmenter on one fold.", "stage1.yaml", Stage1Config,
+                        argv, add_fold_arguments)
+    return run(cmd.cfg, cmd.data_dir, cmd.work_dir, cmd.args.fold, cmd.args.resume)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common.cli import base_parser, resolve_data_dir, setup_logging
-from common.config import load_config, to_dict
+from common.cli import parse_command
+from common.config import to_dict
 from common.constants import STUDY_COL
 from common.dicom import load_study
 from common.io import atomic_path, write_json_atomic
@@ -49,7 +49,7 @@ LOG = logging.getLogger(__name__)
 
 CROP_FORMAT = 1  # bump when the meaning of a crop file changes
 # Deflate level 1: noisy CT crops gain ~15% from level 6 but cost 3-5x the time, and
-# compression is the slowest step of cropping (see stage2_cls.bench_crop).
+# compression is the slowest step of cropping (see tooling.bench.crop).
 COMPRESS_LEVEL = 1
 SPLITS = {"train": ("train.csv", "train_images"), "test": ("test.csv", "test_images")}
 
@@ -221,16 +221,16 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, split: st
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = base_parser("Cache the per-vertebra stage-2 stacks of every study.", "stage2.yaml")
+def _arguments(parser) -> None:
     parser.add_argument("--split", choices=sorted(SPLITS), default="train",
                         help="which studies to crop (default: train)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N studies")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    cfg = load_config(Stage2Config, args.config, args.overrides)
-    summary = run(cfg, resolve_data_dir(args.data_dir), args.work_dir, split=args.split,
-                  limit=args.limit)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cmd = parse_command("Cache the per-vertebra stage-2 stacks of every study.", "stage2.yaml", Stage2Config,
+                        argv, _arguments)
+    summary = run(cmd.cfg, cmd.data_dir, cmd.work_dir, split=cmd.args.split, limit=cmd.args.limit)
     if summary["written"] + summary["skipped"] == 0 and (summary["failed"] or summary["no_stage1"]):
         LOG.error("no study could be cropped")
         raise SystemExit(1)

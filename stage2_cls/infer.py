@@ -9,8 +9,7 @@ import torch
 
 from common.checkpoint import rebuild_model
 from common.constants import PRED_CLIP
-from common.distributed import choose_device
-from common.trainer import autocast_context
+from common.device import autocast_context, choose_device
 from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import prepare_images
 from stage2_cls.model import build_model, vertebra_probability

@@ -8,13 +8,10 @@ pooled scores, per-label log loss and AUC, the best constant beside them, per
 fold scores), ``roc_curves.png``, ``calibration.png`` (reliability diagrams)
 and ``calibration.json``.
 
-Calibration: one temperature and bias per label group, applied to the logit,
-``p' = sigmoid(logit(p) / temperature + bias)``; group ``vertebra`` for C1..C7
-and ``overall`` for patient_overall. The four numbers minimise the competition
-score on the OOF predictions, so the score after calibration on those same
-predictions is optimistic; the report also gives a cross-validated figure
-(fitted on the other folds, scored on each held-out fold). ``make_submission``
-applies it with :func:`apply_calibration`.
+``calibration.json`` comes from :func:`stage2_cls.calibration.choose_calibration`:
+a regularised temperature and bias per label group, kept only when enough OOF
+studies show, cross-validated over folds, that it improves the score; otherwise
+it says why and ``make_submission`` submits raw probabilities.
 """
 from __future__ import annotations
 
@@ -25,73 +22,24 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
 from sklearn.metrics import roc_curve
 
-from common.cli import base_parser, resolve_data_dir, setup_logging
-from common.config import load_config
+from common.cli import parse_command
 from common.constants import PRED_CLIP, STUDY_COL, TARGETS
 from common.io import write_json_atomic, write_text_atomic
 from common.metric import best_constant, competition_score, constant_score, per_label_table, pooled_score
 from common.metric import read_labels_csv
 from common.plots import plt, save_figure
+from stage2_cls.calibration import apply_calibration, choose_calibration
 from stage2_cls.config import Stage2Config
 
 log = logging.getLogger(__name__)
 
-IDENTITY = {"vertebra": {"temperature": 1.0, "bias": 0.0}, "overall": {"temperature": 1.0, "bias": 0.0}}
 _OOF_NAME = re.compile(r"oof_fold(\d+)\.csv$")
 
 
 class ReportError(FileNotFoundError):
     """No out-of-fold predictions to report on, or predictions without labels."""
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, *PRED_CLIP)
-    return np.log(p) - np.log1p(-p)
-
-
-def apply_calibration(probs: np.ndarray, calib: Mapping[str, Mapping[str, float]]) -> np.ndarray:
-    """Calibrate (N, 8) probabilities in TARGETS order; returns (N, 8) clipped to PRED_CLIP.
-
-    ``calib`` = ``{"vertebra": {"temperature": t, "bias": b}, "overall": {...}}``
-    (calibration.json); each group maps ``p -> sigmoid(logit(p) / t + b)``.
-    """
-    probs = np.asarray(probs, np.float64)
-    if probs.ndim != 2 or probs.shape[1] != len(TARGETS):
-        raise ValueError(f"probabilities must have shape (N, {len(TARGETS)}), got {probs.shape}")
-    z = _logit(probs)
-    for group, cols in (("vertebra", slice(0, 7)), ("overall", slice(7, 8))):
-        t, b = float(calib[group]["temperature"]), float(calib[group]["bias"])
-        if not t > 0:
-            raise ValueError(f"calibration {group}.temperature must be positive, got {t}")
-        z[:, cols] = z[:, cols] / t + b
-    return np.clip(1.0 / (1.0 + np.exp(-z)), *PRED_CLIP)
-
-
-def _params_to_calib(x: np.ndarray) -> dict[str, dict[str, float]]:
-    return {"vertebra": {"temperature": float(np.exp(x[0])), "bias": float(x[1])},
-            "overall": {"temperature": float(np.exp(x[2])), "bias": float(x[3])}}
-
-
-def fit_calibration(y: np.ndarray, p: np.ndarray) -> dict[str, dict[str, float]]:
-    """Temperatures and biases minimising the competition score of ``p`` (N, 8) on ``y`` (N, 8).
-
-    Starts from the identity and keeps it unless the fit scores better, so the
-    result never scores worse on the data it was fitted on.
-    """
-    def objective(x: np.ndarray) -> float:
-        if np.abs(x[[0, 2]]).max() > 3.0:  # temperature outside [0.05, 20]: not a calibration any more
-            return 1e6
-        return competition_score(y, apply_calibration(p, _params_to_calib(x)))
-
-    start = np.zeros(4)
-    result = minimize(objective, start, method="Nelder-Mead",
-                      options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000})
-    if result.fun < objective(start):
-        return _params_to_calib(result.x)
-    return {k: dict(v) for k, v in IDENTITY.items()}
 
 
 def read_oof(run_dir: str | Path) -> pd.DataFrame:
@@ -112,17 +60,6 @@ def read_oof(run_dir: str | Path) -> pd.DataFrame:
     if dup:
         raise ReportError(f"{run_dir}: studies appear in several OOF files, e.g. {dup[:3]}")
     return oof
-
-
-def cross_validated_calibration(y: np.ndarray, p: np.ndarray, folds: np.ndarray) -> float | None:
-    """Score after calibration fitted on the other folds, for every held-out fold; None with one fold."""
-    if len(np.unique(folds)) < 2:
-        return None
-    out = np.empty_like(p)
-    for k in np.unique(folds):
-        held = folds == k
-        out[held] = apply_calibration(p[held], fit_calibration(y[~held], p[~held]))
-    return competition_score(y, out)
 
 
 def plot_roc(y: np.ndarray, p: np.ndarray, path: Path) -> None:
@@ -166,7 +103,7 @@ def build_report(oof: pd.DataFrame, labels: pd.DataFrame) -> tuple[dict[str, Any
     y = table.loc[oof[STUDY_COL], list(TARGETS)].to_numpy(np.float64)
     p = np.clip(oof[list(TARGETS)].to_numpy(np.float64), *PRED_CLIP)
     folds = oof["fold"].to_numpy()
-    calib = fit_calibration(y, p)
+    calibration = choose_calibration(y, p, folds)
     per_label = per_label_table(y, p)
     per_label["constant_wlogloss"] = per_label_table(y, np.broadcast_to(best_constant(y), y.shape))["wlogloss"]
     report = {
@@ -175,16 +112,16 @@ def build_report(oof: pd.DataFrame, labels: pd.DataFrame) -> tuple[dict[str, Any
         "constant_score": constant_score(y, best_constant(y)),
         "fold_scores": {int(k): competition_score(y[folds == k], p[folds == k]) for k in np.unique(folds)},
         "per_label": per_label.reset_index().to_dict(orient="records"),
-        "calibration": calib,
-        "calibrated_score_same_data": competition_score(y, apply_calibration(p, calib)),
-        "calibrated_score_cross_validated": cross_validated_calibration(y, p, folds),
+        "calibration": calibration,
     }
     return report, y, p
 
 
 def format_markdown(report: Mapping[str, Any], run: str) -> str:
     per_label = pd.DataFrame(report["per_label"]).set_index("label")
-    cv = report["calibrated_score_cross_validated"]
+    calib = report["calibration"]
+    evidence = calib["evidence"]
+    cv = evidence.get("cross_validated_score")
     lines = [
         f"# Stage 2 cross-validation: run `{run}`", "",
         f"{report['n_studies']} studies, folds {report['folds']}.", "",
@@ -192,13 +129,11 @@ def format_markdown(report: Mapping[str, Any], run: str) -> str:
         f"| competition score (lower is better) | {report['score']:.4f} |",
         f"| pooled score | {report['pooled_score']:.4f} |",
         f"| best constant per label (fitted on these labels) | {report['constant_score']:.4f} |",
-        f"| after calibration, fitted and scored on the same OOF (optimistic) | "
-        f"{report['calibrated_score_same_data']:.4f} |",
         f"| after calibration, cross-validated over folds | {'n/a' if cv is None else f'{cv:.4f}'} |", "",
         "Per fold: " + ", ".join(f"fold {k} {v:.4f}" for k, v in report["fold_scores"].items()), "",
         markdown_table(per_label), "",
-        "Calibration (p' = sigmoid(logit(p) / temperature + bias)): "
-        + ", ".join(f"{g} t={v['temperature']:.3f} b={v['bias']:+.3f}" for g, v in report["calibration"].items()),
+        f"Calibration ({'used' if calib['use'] else 'not used'}): {calib['reason']}. "
+        + ", ".join(f"{g} t={calib[g]['temperature']:.3f} b={calib[g]['bias']:+.3f}" for g in ("vertebra", "overall")),
         "", "Plots: roc_curves.png, calibration.png. The metric weighs positives double, so its optimum "
         "sits above the observed frequency (2m / (1 + m) for a constant): a metric-calibrated curve "
         "lies above the diagonal.", "",
@@ -223,20 +158,17 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path) -> dict[s
     report, y, p = build_report(oof, labels)
     write_json_atomic(run_dir / "cv_report.json", report)
     write_text_atomic(run_dir / "cv_report.md", format_markdown(report, cfg.run))
-    calib = {**report["calibration"], "fitted_on": {"n_studies": report["n_studies"], "folds": report["folds"]}}
-    write_json_atomic(run_dir / "calibration.json", calib)
+    write_json_atomic(run_dir / "calibration.json", report["calibration"])
     plot_roc(y, p, run_dir / "roc_curves.png")
     plot_reliability(y, p, apply_calibration(p, report["calibration"]), run_dir / "calibration.png")
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = base_parser("Cross-validation report and OOF calibration of a stage-2 run.", "stage2.yaml")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    cfg = load_config(Stage2Config, args.config, args.overrides)
-    report = run(cfg, resolve_data_dir(args.data_dir), Path(args.work_dir))
-    print(format_markdown(report, cfg.run))
+    cmd = parse_command("Cross-validation report and OOF calibration of a stage-2 run.", "stage2.yaml",
+                        Stage2Config, argv)
+    report = run(cmd.cfg, cmd.data_dir, cmd.work_dir)
+    print(format_markdown(report, cmd.cfg.run))
     return report
 
 

@@ -18,7 +18,6 @@ probability (mean of slice probabilities, or the attention output) instead.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,11 +27,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from common import distributed as D
-from common.cli import base_parser, resolve_data_dir, setup_logging
-from common.config import load_config, save_config, to_dict
+from common.cli import add_fold_arguments, parse_command
+from common.config import to_dict
 from common.constants import STUDY_COL, TARGETS, VERTEBRAE
-from common.folds import load_or_make_folds, split_uids
+from common.folds import fold_split
 from common.io import write_csv_atomic
 from common.metric import (best_constant, competition_score, constant_score, label_weights, pooled_score,
                            read_labels_csv)
@@ -48,6 +46,19 @@ log = logging.getLogger(__name__)
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def batch_loss(cfg: Stage2Config, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """The training loss of one batch (``image`` uint8 (B, S, C, H, W), ``label``, ``weight``), mixup included."""
+    images = prepare_images(batch["image"], device)
+    label, weight = batch["label"].to(device), batch["weight"].to(device)
+    aug = cfg.augment
+    if aug.mixup_p > 0 and len(images) > 1 and np.random.random() < aug.mixup_p:
+        images, perm, lam = mixup(images, aug.mixup_alpha)
+        output = model(images)
+        return lam * weighted_loss(output, label, weight) + \
+            (1.0 - lam) * weighted_loss(output, label[perm], weight[perm])
+    return weighted_loss(model(images), label, weight)
 
 
 class ClassifierTask:
@@ -86,15 +97,7 @@ class ClassifierTask:
         return train, val
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-        images = prepare_images(batch["image"], device)
-        label, weight = batch["label"].to(device), batch["weight"].to(device)
-        aug = self.cfg.augment
-        if aug.mixup_p > 0 and len(images) > 1 and np.random.random() < aug.mixup_p:
-            images, perm, lam = mixup(images, aug.mixup_alpha)
-            output = model(images)
-            return lam * weighted_loss(output, label, weight) + \
-                (1.0 - lam) * weighted_loss(output, label[perm], weight[perm])
-        return weighted_loss(model(images), label, weight)
+        return batch_loss(self.cfg, model, batch, device)
 
     def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
         output = model(prepare_images(batch["image"], device))
@@ -131,15 +134,9 @@ class ClassifierTask:
         write_csv_atomic(self.run_dir / f"oof_fold{self.fold}.csv", table[[STUDY_COL, *TARGETS]])
 
 
-def fold_studies(cfg: Stage2Config, data_dir: Path, work_dir: Path, fold: int
-                 ) -> tuple[list[str], list[str], pd.DataFrame]:
+def fold_studies(data_dir: Path, work_dir: Path, fold: int) -> tuple[list[str], list[str], pd.DataFrame]:
     """(train UIDs, validation UIDs, train.csv labels) for ``fold``, keeping studies with a crop file."""
-    info = D.init_distributed()
-    if info.is_main:  # rank 0 writes the folds file once; the others read it after the barrier
-        load_or_make_folds(data_dir, work_dir, cfg.n_folds, cfg.fold_seed)
-    D.barrier()
-    folds = load_or_make_folds(data_dir, work_dir, cfg.n_folds, cfg.fold_seed)
-    train_uids, val_uids = split_uids(folds, fold)
+    train_uids, val_uids = fold_split(data_dir, work_dir, fold)
     crops_dir = work_dir / "crops"
     train_uids, lack_train = available_crops(crops_dir, train_uids)
     val_uids, lack_val = available_crops(crops_dir, val_uids)
@@ -156,12 +153,9 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, fold: int
         resume: bool = False) -> dict[str, Any]:
     """Train one fold; returns the metrics written to ``work/stage2/<run>/fold<k>/metrics.json``."""
     data_dir, work_dir = Path(data_dir), Path(work_dir)
-    train_uids, val_uids, labels = fold_studies(cfg, data_dir, work_dir, fold)
+    train_uids, val_uids, labels = fold_studies(data_dir, work_dir, fold)
     run_dir = work_dir / "stage2" / cfg.run
     out_dir = run_dir / f"fold{fold}"
-    if D.init_distributed().is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
     log.info("stage 2 fold %d: %d training and %d validation studies", fold, len(train_uids), len(val_uids))
     decoded = work_dir / "stage2" / "decoded" if cfg.decoded_cache else None
     task = ClassifierTask(cfg, work_dir / "crops", run_dir, fold, train_uids, val_uids, labels, decoded)
@@ -169,13 +163,9 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, fold: int
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = base_parser("Train the stage-2 vertebra fracture classifier on one fold.", "stage2.yaml")
-    parser.add_argument("--fold", type=int, required=True)
-    parser.add_argument("--resume", action="store_true", help="continue from last.pt of this fold")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose, int(os.environ.get("RANK", "0")))
-    cfg = load_config(Stage2Config, args.config, args.overrides)
-    return run(cfg, resolve_data_dir(args.data_dir), Path(args.work_dir), args.fold, args.resume)
+    cmd = parse_command("Train the stage-2 vertebra fracture classifier on one fold.", "stage2.yaml",
+                        Stage2Config, argv, add_fold_arguments)
+    return run(cmd.cfg, cmd.data_dir, cmd.work_dir, cmd.args.fold, cmd.args.resume)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 # --- Real CT series (DICOM reader and NIfTI reader tests) -----------------------------
 
-REAL_CT = SHARED_DATA / "totalsegmentator_example_ct"
+REAL_CT = TEST_DATA / "totalsegmentator_example_ct"
 
 # name -> transfer syntax UID of the copies made by ``real_ct_transcoded``
 REAL_CT_SYNTAXES = {
@@ -25,10 +25,9 @@ REAL_CT_SYNTAXES = {
 
 @pytest.fixture(scope="session")
 def real_ct_dir() -> Path:
-    """The real 20-slice JPEG 2000 CT series; skips the test when it is absent."""
+    """The real 20-slice JPEG 2000 CT series carried in tests/data."""
     folder = REAL_CT / "dicom"
-    if not folder.is_dir():
-        pytest.skip(f"real CT series not found beside the repository ({folder.name})")
+    assert folder.is_dir(), f"real CT series missing from the checkout: {folder}"
     return folder
 
 
@@ -46,11 +45,10 @@ def real_ct_transcoded(real_ct_dir: Path, tmp_path_factory) -> dict[str, Path]:
     The source files carry empty SOP Class / Instance UIDs, which gdcm refuses to
     write, so those are filled in first (pixel data untouched).
     """
-    pytest.importorskip("gdcm")
     import pydicom
     from pydicom.uid import CTImageStorage, generate_uid
 
-    from common.bench import transcode_file
+    from tooling.dicom_writer import transcode_file
 
     root = tmp_path_factory.mktemp("real_ct_transcoded")
     fixed = root / "source"

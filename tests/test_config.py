@@ -1,46 +1,74 @@
 """Config loading: typed dataclasses, dotted overrides, unknown keys rejected, round trip."""
-from pathlib import Path
+import dataclasses
 
 import pytest
+import yaml
 
 from common.cli import DataDirError, resolve_data_dir
 from common.config import ConfigError, load_config, replace, save_config, to_dict
+from configs import config_path, path_root
+from make_submission import SubmissionConfig
 from stage1_seg.config import Stage1Config
 from stage2_cls.config import Stage2Config
 
-ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = {"stage1.yaml": Stage1Config, "stage2.yaml": Stage2Config, "submission.yaml": SubmissionConfig}
 
 
-@pytest.mark.parametrize("schema,name", [(Stage1Config, "stage1.yaml"), (Stage2Config, "stage2.yaml")])
-def test_shipped_configs_load_and_round_trip(schema, name, tmp_path):
-    for path in (ROOT / "configs" / name, ROOT / "configs" / "demo" / name):
-        cfg = load_config(schema, path)
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_shipped_configs_load_and_round_trip(name, tmp_path):
+    for path in (config_path(name), config_path(f"demo/{name}")):
+        cfg = load_config(SCHEMAS[name], path)
         save_config(cfg, tmp_path / "resolved.yaml")
-        assert load_config(schema, tmp_path / "resolved.yaml") == cfg
+        assert load_config(SCHEMAS[name], tmp_path / "resolved.yaml") == cfg
+
+
+def _leaves(raw, prefix=""):
+    for key, value in (raw or {}).items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("path", sorted(path_root().rglob("*.yaml")), ids=lambda p: p.relative_to(path_root()).as_posix())
+def test_shipped_yaml_holds_only_differences_from_the_defaults(path):
+    defaults = to_dict(load_config(SCHEMAS[path.name], None))
+    for key, value in _leaves(yaml.safe_load(path.read_text())):
+        node = defaults
+        for part in key.split("."):
+            node = node[part]
+        assert node != (list(value) if isinstance(value, (list, tuple)) else value), \
+            f"{path.name}: {key}: {value!r} is already the default"
+
+
+def test_config_path_names_what_is_shipped():
+    assert config_path("demo/stage1.yaml").is_file()
+    with pytest.raises(FileNotFoundError, match="stage1.yaml"):
+        config_path("stage3.yaml")
 
 
 def test_overrides_are_typed():
-    cfg = load_config(Stage1Config, ROOT / "configs" / "stage1.yaml",
-                      ["train.epochs=3", "train.lr=1e-4", "model.encoder=efficientnet-b0",
+    cfg = load_config(Stage1Config, config_path("stage1.yaml"),
+                      ["train.steps=3", "train.lr=1e-4", "model.encoder=efficientnet-b0",
                        "model.decoder_channels=[32,16,8,8,8]", "predict.flip_tta=true"])
-    assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.train.steps == 3 and cfg.train.lr == pytest.approx(1e-4)
     assert cfg.model.encoder == "efficientnet-b0" and cfg.model.decoder_channels == (32, 16, 8, 8, 8)
     assert cfg.predict.flip_tta is True
-    with pytest.raises(Exception):
-        cfg.train.epochs = 5  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.steps = 5  # frozen
 
 
 def test_partial_section_keeps_the_schema_defaults():
-    # Stage2Config gives its train section its own defaults (lr 2e-4, batch 8):
+    # Stage2Config gives its train section its own defaults (lr 2.3e-4, batch 8):
     # overriding one key must not fall back to the generic TrainConfig ones.
-    cfg = load_config(Stage2Config, None, ["train.epochs=2"])
-    assert cfg.train.epochs == 2 and cfg.train.lr == pytest.approx(2e-4) and cfg.train.batch_size == 8
+    cfg = load_config(Stage2Config, None, ["train.steps=2"])
+    assert cfg.train.steps == 2 and cfg.train.lr == pytest.approx(2.3e-4) and cfg.train.batch_size == 8
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.epoch=3", "unknown key"),
+    ("train.step=3", "unknown key"),
     ("nosuch.key=1", "unknown key"),
-    ("train.epochs=three", "expected an integer"),
+    ("train.steps=three", "expected an integer"),
     ("train.amp=maybe", "expected true/false"),
     ("model.pooling=max", "is not one of"),
     ("train", "not of the form"),
@@ -52,7 +80,7 @@ def test_bad_overrides_are_errors(override, message):
 
 def test_bad_yaml_file(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: {epochs: 3\n")
+    bad.write_text("train: {steps: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(Stage1Config, bad)
     with pytest.raises(ConfigError, match="not found"):
@@ -61,8 +89,8 @@ def test_bad_yaml_file(tmp_path):
 
 def test_replace_and_to_dict():
     cfg = load_config(Stage1Config)
-    other = replace(cfg, **{"train.epochs": 7, "preprocess.size": 64})
-    assert other.train.epochs == 7 and other.preprocess.size == 64 and cfg.train.epochs != 7
+    other = replace(cfg, **{"train.steps": 7, "preprocess.size": 64})
+    assert other.train.steps == 7 and other.preprocess.size == 64 and cfg.train.steps != 7
     assert to_dict(other)["model"]["decoder_channels"] == list(cfg.model.decoder_channels)
 
 

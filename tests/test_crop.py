@@ -14,7 +14,7 @@ from common.config import load_config
 from common.io import save_npz_atomic, write_csv_atomic
 from stage1_seg.boxes import boxes_from_labels
 from stage2_cls import crop
-from stage2_cls.bench_crop import write_ct_series
+from tooling.dicom_writer import write_ct_series
 from stage2_cls.config import Stage2Config
 
 S, SIZE = 16, 32

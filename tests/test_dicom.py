@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.bench import write_ct_series
+from tooling.dicom_writer import write_ct_series
 from common.decoders import fast_path, read_header
 from common.dicom import DicomReadError, load_study
 

@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.bench import write_ct_series
+from tooling.dicom_writer import write_ct_series
 from common.dicom import load_study
 from common.nifti import MaskShapeError, load_rsna_mask, vertebra_labels
 

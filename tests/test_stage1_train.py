@@ -14,14 +14,16 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.config import load_config
-from common.synth import make_dataset
+from tooling.synth import make_dataset
 from stage1_seg import predict, train
+from configs import config_path
 from stage1_seg.config import Stage1Config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["run=tiny", "n_folds=2", "preprocess.size=32", "model.encoder=efficientnet-b0",
+TINY = ["run=tiny", "preprocess.size=32", "model.encoder=efficientnet-b0",
         "model.decoder_channels=[16,16,8,8,8]", "train.batch_size=2", "train.val_batch_size=2",
-        "train.num_workers=0", "train.val_every=1", "augment.elastic_p=0.5", "predict.folds=[0]"]
+        "train.num_workers=0", "train.eval_every=2", "train.warmup_steps=1", "augment.elastic_p=0.5",
+        "predict.folds=[0]"]
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +38,19 @@ def _cfg(*extra):
 
 
 def test_train_one_fold_writes_everything(data, tmp_path):
-    metrics = train.run(_cfg("train.epochs=2"), data, tmp_path, fold=0)
+    metrics = train.run(_cfg("train.steps=4"), data, tmp_path, fold=0)
     fold_dir = tmp_path / "stage1" / "tiny" / "fold0"
     for name in ("best.pt", "last.pt", "log.csv", "metrics.json", "config.yaml", "learning_curves.png"):
         assert (fold_dir / name).is_file(), name
     written = json.loads((fold_dir / "metrics.json").read_text())
-    assert 0.0 <= written["mean_dice"] <= 1.0
-    assert all(f"dice_C{c}" in written for c in range(1, 8))
+    per_class = [written[f"dice_C{c}"] for c in range(1, 8)]
+    assert written["mean_dice"] == pytest.approx(np.mean(per_class))
     assert written["mean_dice"] == pytest.approx(metrics["mean_dice"])
+    assert written["mean_dice"] == pytest.approx(written["mean_dice@0.5"])
+    assert written["best_threshold"] in train.THRESHOLDS
+    assert len(pd.read_csv(fold_dir / "log.csv")) == 2
     ckpt = load_checkpoint(fold_dir / "last.pt", stage="stage1")
-    assert ckpt["config"]["preprocess"]["size"] == 32 and ckpt["epoch"] == 1
+    assert ckpt["config"]["preprocess"]["size"] == 32 and ckpt["step"] == 4
     # the cache is keyed by the preprocessing settings
     assert list((tmp_path / "cache" / "stage1").iterdir())[0].name.startswith("size32-")
 
@@ -62,16 +67,17 @@ def test_train_one_fold_writes_everything(data, tmp_path):
 
 def _train_cmd(data, work, *extra):
     return [sys.executable, "-m", "stage1_seg.train", "--fold", "0", "--data-dir", str(data),
-            "--work-dir", str(work), "--config", str(ROOT / "configs" / "stage1.yaml"), *TINY, *extra]
+            "--work-dir", str(work), "--config", str(config_path("stage1.yaml")), *TINY, *extra]
 
 
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_stay_in_sync(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           *_train_cmd(data, tmp_path, "train.epochs=1")[1:]]
+           *_train_cmd(data, tmp_path, "train.steps=2")[1:]]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "stage1" / "tiny" / "fold0" / "metrics.json").read_text())
@@ -80,8 +86,9 @@ def test_torchrun_two_ranks_stay_in_sync(data, tmp_path):
     assert a == b
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_same_weights(data, tmp_path):
-    epochs = "train.epochs=3"
+    epochs = "train.steps=6"
     full = subprocess.run(_train_cmd(data, tmp_path / "full", epochs), cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
@@ -91,17 +98,17 @@ def test_killed_training_resumes_to_the_same_weights(data, tmp_path):
     last = work / "stage1" / "tiny" / "fold0" / "last.pt"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if last.exists() and load_checkpoint(last)["epoch"] >= 0:
+        if last.exists() and load_checkpoint(last)["step"] >= 2:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.2)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
-    assert load_checkpoint(last)["epoch"] < 2
+    assert load_checkpoint(last)["step"] < 6
     resumed = subprocess.run(_train_cmd(data, work, epochs, ) + ["--resume"], cwd=ROOT, env=_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_checkpoint(tmp_path / "full" / "stage1" / "tiny" / "fold0" / "last.pt")
     b = load_checkpoint(last)
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["step"] == b["step"] == 6
     assert all(torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5) for k in a["model"])

@@ -9,7 +9,7 @@ from stage1_seg.boxes import boxes_from_labels, vertebra_boxes, z_iou
 from stage1_seg.config import AugmentConfig, ModelConfig, PreprocessConfig
 from stage1_seg.data import preprocess_hu
 from stage1_seg.model import build_model
-from stage1_seg.train import dice_counts, dice_metrics, seg_loss, soft_dice_loss
+from stage1_seg.train import dice_counts, dice_metrics, seg_loss
 
 
 @pytest.mark.parametrize("encoder,channels", [("efficientnet-b0", 1), ("tu-tf_efficientnetv2_b0", 3)])
@@ -52,7 +52,8 @@ def test_losses_prefer_the_right_answer():
     target = (torch.rand(2, 7, 8, 8, 8) > 0.7).float()
     good = (target * 2 - 1) * 6
     bad = -good
-    assert soft_dice_loss(good, target) < 0.05 < soft_dice_loss(bad, target)
+    dice_only = [seg_loss(x, target, 0.0, 1.0) for x in (good, bad)]
+    assert dice_only[0] < 0.05 < 0.9 < dice_only[1]
     assert seg_loss(good, target, 0.5, 0.5) < seg_loss(bad, target, 0.5, 0.5)
 
 

@@ -13,14 +13,15 @@ import torch
 
 from common.config import load_config, replace
 from common.constants import STUDY_COL, TARGETS
+from common.folds import load_or_make_folds
 from common.io import save_npz_atomic
+from configs import config_path
 from common.metric import competition_score, label_weights
 from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import CropStore, VertebraDataset, fill_missing
 from stage2_cls.model import weighted_loss
 from stage2_cls.train import run, study_probabilities
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def fracture_stack(rng: np.random.Generator, n_slices: int, size: int, fractured: bool) -> np.ndarray:
@@ -57,13 +58,15 @@ def make_crop_data(root: Path, n_studies: int = 6, n_slices: int = 4, size: int 
             stacks[6] = 0
         save_npz_atomic(crops / f"{uid}.npz", stacks=stacks, missing=missing,
                         slices=np.tile(np.arange(n_slices), (7, 1)))
+    load_or_make_folds(data_dir, root / "work", n_folds=2)  # the folds file is where their number is set
     return data_dir, root / "work", labels
 
 
 def tiny_config(**changes) -> Stage2Config:
-    cfg = load_config(Stage2Config, CONFIGS / "demo" / "stage2.yaml")
-    return replace(cfg, **{"n_folds": 2, "model.lstm_hidden": 8, "train.epochs": 1, "train.batch_size": 4,
-                           "train.val_batch_size": 8, "train.num_workers": 0, **changes})
+    cfg = load_config(Stage2Config, config_path("demo/stage2.yaml"))
+    return replace(cfg, **{"model.lstm_hidden": 8, "train.steps": 5, "train.eval_every": 5,
+                           "train.warmup_steps": 1, "train.batch_size": 4, "train.val_batch_size": 8,
+                           "train.num_workers": 0, **changes})
 
 
 def test_weighted_loss_matches_metric_weights_by_hand():

@@ -13,8 +13,8 @@ import pytest
 from common.constants import OVERALL, STUDY_COL, TARGETS, VERTEBRAE
 from common.dicom import load_study
 from common.nifti import load_rsna_mask
-from common.phantom import render_phantom
-from common.synth import SYNTAXES, draw_fractures, make_dataset, plan_dataset, segmentation_array, synth_study
+from tooling.phantom import render_phantom
+from tooling.synth import SYNTAXES, draw_fractures, make_dataset, plan_dataset, segmentation_array, synth_study
 
 # 5 studies cover all 5 syntaxes; study 1 is feet-first, studies 0, 2, 4 signed
 ARGS = dict(n_train=5, n_seg=3, n_test=2, size=48, seed=3, n_slices=None)

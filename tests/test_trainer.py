@@ -1,56 +1,99 @@
+"""The shared training loop: outputs, step schedule, selection, resume, reseeding, checkpoint errors."""
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from torch.utils.data import Dataset
 
+from common import trainer
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from common.trainer import TrainConfig, fit, warmup_cosine
+from common.trainer import StepSampler, TrainConfig, fit, warmup_cosine
 from tests.toy_task import ToyTask
 
-CFG = TrainConfig(epochs=4, batch_size=4, val_batch_size=3, lr=1e-2, warmup_epochs=1, num_workers=0, seed=3)
+CFG = TrainConfig(steps=24, eval_every=6, batch_size=4, val_batch_size=3, lr=1e-2, warmup_steps=3,
+                  num_workers=0, seed=3)
 
 
 def test_fit_writes_outputs_and_learns(tmp_path):
     task = ToyTask()
     result = fit(task, CFG, tmp_path, fold=0, full_config={"a": 1})
-    for name in ("last.pt", "best.pt", "log.csv", "metrics.json", "learning_curves.png"):
+    for name in ("last.pt", "best.pt", "log.csv", "metrics.json", "learning_curves.png", "config.yaml"):
         assert (tmp_path / name).is_file(), name
     log = pd.read_csv(tmp_path / "log.csv")
-    assert list(log["epoch"]) == [1, 2, 3, 4]
+    assert list(log["step"]) == [6, 12, 18, 24]
     assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
+    assert log["neg_mse"].iloc[-1] > log["neg_mse"].iloc[0]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["neg_mse"] == pytest.approx(log["neg_mse"].max())
+    # select="last": the final weights, with the final validation's figures
+    assert metrics["selected_step"] == 24 and metrics["neg_mse"] == pytest.approx(log["neg_mse"].iloc[-1])
     assert metrics["n"] == 10  # every validation sample scored once
-    assert result["best_epoch"] == metrics["best_epoch"]
-    assert task.best_calls >= 1
+    assert result["selected_step"] == metrics["selected_step"]
+    assert task.best_calls == 4  # the selected weights changed at every validation
     ckpt = load_checkpoint(tmp_path / "last.pt", stage="toy")
-    assert ckpt["epoch"] == 3 and ckpt["fold"] == 0 and ckpt["config"] == {"a": 1}
+    assert ckpt["step"] == 24 and ckpt["fold"] == 0 and ckpt["config"] == {"a": 1}
     assert isinstance(ckpt["git_commit"], str)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"a": 1}
 
 
-def test_resume_after_kill_gives_same_result(tmp_path):
-    full = fit(ToyTask(), CFG, tmp_path / "full", fold=0, full_config={})
-    # "Kill" after two epochs: train a run whose config says 4 epochs but stop it early.
-    class Killed(Exception):
-        pass
+def test_select_best_keeps_the_best_validation(tmp_path):
+    cfg = TrainConfig(**{**CFG.__dict__, "select": "best", "lr": 0.3})  # noisy on purpose
+    result = fit(ToyTask(), cfg, tmp_path, fold=0, full_config={})
+    log = pd.read_csv(tmp_path / "log.csv")
+    best_row = log.loc[log["neg_mse"].idxmax()]
+    assert result["selected_step"] == best_row["step"]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == best_row["step"]
 
+
+def test_steps_not_passes_over_the_data(tmp_path):
+    """A smaller training set gets the same number of optimiser steps."""
+    small, large = fit(ToyTask(n_train=8), CFG, tmp_path / "a", fold=0, full_config={}), \
+        fit(ToyTask(n_train=80), CFG, tmp_path / "b", fold=0, full_config={})
+    assert load_checkpoint(tmp_path / "a" / "last.pt")["step"] == 24 == \
+        load_checkpoint(tmp_path / "b" / "last.pt")["step"]
+    assert small["steps"] == large["steps"] == 24
+    sampler = StepSampler(length=5, n_samples=12, seed=0)
+    drawn = list(sampler)
+    assert len(drawn) == 12 and sorted(drawn[:5]) == list(range(5)) and sorted(drawn[5:10]) == list(range(5))
+
+
+def test_ema_weights_are_what_is_saved(tmp_path):
+    cfg = TrainConfig(**{**CFG.__dict__, "ema_decay": 0.9})
+    fit(ToyTask(), cfg, tmp_path, fold=0, full_config={})
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert set(ckpt["train_model"]) == set(ckpt["model"])
+    assert any(not torch.equal(ckpt["train_model"][k], ckpt["model"][k]) for k in ckpt["model"])
+
+
+class _Killed(Exception):
+    pass
+
+
+def _dying_task(at_call: int) -> ToyTask:
     task = ToyTask()
-    original = task.compute_metrics
-    calls = {"n": 0}
+    original, calls = task.compute_metrics, {"n": 0}
 
     def dying(outputs):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise Killed()
+        if calls["n"] == at_call:
+            raise _Killed()
         return original(outputs)
 
     task.compute_metrics = dying
-    with pytest.raises(Killed):
-        fit(task, CFG, tmp_path / "resumed", fold=0, full_config={})
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
-    resumed = fit(ToyTask(), CFG, tmp_path / "resumed", fold=0, full_config={}, resume=True)
+    return task
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.8])
+def test_resume_after_kill_gives_same_result(tmp_path, ema):
+    cfg = TrainConfig(**{**CFG.__dict__, "ema_decay": ema})
+    full = fit(ToyTask(), cfg, tmp_path / "full", fold=0, full_config={})
+    with pytest.raises(_Killed):  # "killed" during the third validation
+        fit(_dying_task(3), cfg, tmp_path / "resumed", fold=0, full_config={})
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 12
+    resumed = fit(ToyTask(), cfg, tmp_path / "resumed", fold=0, full_config={}, resume=True)
     assert resumed["last"]["train_loss"] == pytest.approx(full["last"]["train_loss"], rel=1e-6)
     assert resumed["neg_mse"] == pytest.approx(full["neg_mse"], rel=1e-6)
     a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
@@ -58,10 +101,80 @@ def test_resume_after_kill_gives_same_result(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
 
 
-def test_resume_rejects_other_config(tmp_path):
-    fit(ToyTask(), TrainConfig(epochs=1, num_workers=0), tmp_path, fold=0, full_config={"x": 1})
+def test_kill_between_best_and_last_leaves_consistent_files(tmp_path, monkeypatch):
+    """best.pt is written before last.pt: a kill between them never leaves last.pt naming unsaved weights."""
+    cfg = TrainConfig(**{**CFG.__dict__, "select": "best"})
+    full = fit(ToyTask(), cfg, tmp_path / "full", fold=0, full_config={})
+    real_save, writes = trainer.save_checkpoint, []
+
+    def dying_save(path, **state):
+        writes.append(path.name)
+        if path.name == "last.pt" and len(writes) >= 4 and writes[-2] == "best.pt":
+            raise _Killed()  # best.pt of this validation is on disk, last.pt is not
+        real_save(path, **state)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", dying_save)
+    with pytest.raises(_Killed):
+        fit(ToyTask(), cfg, tmp_path / "run", fold=0, full_config={})
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["step"] > last["step"]  # newer weights in best.pt than last.pt records: never the reverse
+    resumed = fit(ToyTask(), cfg, tmp_path / "run", fold=0, full_config={}, resume=True)
+    assert resumed["selected_step"] == full["selected_step"]
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["step"] == resumed["selected_step"]
+    a, b = load_checkpoint(tmp_path / "full" / "best.pt")["model"], load_checkpoint(tmp_path / "run" / "best.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+def test_resume_rejects_other_config_before_writing_anything(tmp_path):
+    cfg = TrainConfig(steps=2, eval_every=2, num_workers=0)
+    fit(ToyTask(), cfg, tmp_path, fold=0, full_config={"x": 1})
     with pytest.raises(CheckpointError, match="different config"):
-        fit(ToyTask(), TrainConfig(epochs=1, num_workers=0), tmp_path, fold=0, full_config={"x": 2}, resume=True)
+        fit(ToyTask(), cfg, tmp_path, fold=0, full_config={"x": 2}, resume=True)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"x": 1}
+
+
+class _Draws(Dataset):
+    """Every item is the same sample; what it returns is a fresh random draw (like augmentation)."""
+
+    def __init__(self) -> None:
+        self.generator = np.random.default_rng(0)
+
+    def reseed(self, seed: int) -> None:
+        self.generator = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": torch.tensor([self.generator.random(), np.random.random()])}
+
+
+class _DrawTask(ToyTask):
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[tuple[float, float]] = []
+
+    def datasets(self):
+        return _Draws(), super().datasets()[1]
+
+    def loss(self, model, batch, device):
+        self.draws.append(tuple(batch["x"][0].tolist()))
+        return (model(torch.zeros(1, 4)) ** 2).mean()
+
+
+def test_augmentation_draws_differ_per_worker_and_chunk_and_repeat_on_rerun(tmp_path):
+    """2 workers x 2 chunks: four different draws of the same sample, the same four on a rerun."""
+    cfg = TrainConfig(steps=4, eval_every=2, batch_size=1, val_batch_size=5, num_workers=2, seed=9)
+    runs = []
+    for k in range(2):
+        task = _DrawTask()
+        fit(task, cfg, tmp_path / str(k), fold=0, full_config={})
+        runs.append(task.draws)
+    assert len(runs[0]) == 4 and len(set(runs[0])) == 4  # own generator and NumPy both differ
+    assert len({d[0] for d in runs[0]}) == 4 and len({d[1] for d in runs[0]}) == 4
+    assert runs[0] == runs[1]
 
 
 def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench_pipeline import write_models
+from tooling.bench.pipeline import write_models
 from common.config import load_config
-from common.synth import make_dataset
+from tooling.synth import make_dataset
 from stage1_seg.config import Stage1Config
 from stage2_cls.config import Stage2Config
 

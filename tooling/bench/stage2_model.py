@@ -1,9 +1,9 @@
 """Throughput of the stage-2 classifier: training and inference samples per second.
 
-    python -m stage2_cls.bench_model [--configs demo real] [--iters N] [--batch B] [--device cpu|cuda]
+    python -m tooling.bench.stage2_model [--configs demo real] [--iters N] [--batch B] [--device cpu|cuda]
 
 One sample is one vertebra stack (n_slices x 6 x size x size, from the config's
-``crop`` section). Training = forward + weighted loss + backward + AdamW step;
+``crop`` section). Training = the trainer's own step (forward, weighted loss, backward, clipping, AdamW);
 inference = forward + vertebra probability under ``torch.no_grad``. Each
 configuration is timed beside a baseline in the same run: on CUDA fp32 versus
 autocast (bf16 where supported), on CPU the default memory layout versus
@@ -12,23 +12,26 @@ channels_last. Random inputs; nothing is read from disk.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from common.cli import CONFIG_DIR
 from common.config import load_config
+from common.device import autocast_context
+from common.trainer import make_scaler, train_step
+from configs import config_path
 from stage2_cls.config import Stage2Config
+from stage2_cls.dataset import prepare_images
 from stage2_cls.model import build_model, count_parameters, vertebra_probability
-from stage2_cls.model import weighted_loss
+from stage2_cls.train import batch_loss
 
 log = logging.getLogger(__name__)
 
-CONFIGS = {"demo": CONFIG_DIR / "demo" / "stage2.yaml", "real": CONFIG_DIR / "stage2.yaml"}
+CONFIGS = {"demo": "demo/stage2.yaml", "real": "stage2.yaml"}
 
 
 def _variants(device: torch.device) -> list[tuple[str, bool, bool]]:
@@ -43,13 +46,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def time_model(cfg: Stage2Config, device: torch.device, batch: int, iters: int, warmup: int,
                amp: bool, channels_last: bool) -> dict[str, float]:
     """Samples/s for training steps and inference batches of random stacks."""
@@ -58,27 +54,21 @@ def time_model(cfg: Stage2Config, device: torch.device, batch: int, iters: int, 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     shape = (batch, cfg.crop.n_slices, cfg.model.in_chans, cfg.crop.size, cfg.crop.size)
-    x = torch.rand(shape, device=device)
-    label = (torch.rand(batch, device=device) < 0.3).float()
-    weight = 1.0 + label
+    label = (torch.rand(batch) < 0.3).float()
+    data = {"image": torch.randint(0, 256, shape, dtype=torch.uint8), "label": label, "weight": 1.0 + label}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = make_scaler(device, amp)
 
-    def train_step() -> None:
-        with _autocast(device, amp):
-            loss = weighted_loss(model(x), label, weight)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def one_train_step() -> None:
+        train_step(partial(batch_loss, cfg), model, data, device, optimizer, scaler, amp, cfg.train.grad_clip)
 
     @torch.no_grad()
     def infer_step() -> None:
-        with _autocast(device, amp):
-            vertebra_probability(model(x))
+        with autocast_context(device, amp):
+            vertebra_probability(model(prepare_images(data["image"], device)))
 
     result: dict[str, float] = {"params_m": count_parameters(model) / 1e6}
-    for name, step, mode in (("train", train_step, True), ("infer", infer_step, False)):
+    for name, step, mode in (("train", one_train_step, True), ("infer", infer_step, False)):
         model.train(mode)
         for _ in range(warmup):
             step()
@@ -98,7 +88,7 @@ def run(configs: Sequence[str], device: torch.device, iters: int | None, batch: 
     """Time every named config in every variant; returns one row per (config, variant)."""
     rows = []
     for name in configs:
-        cfg = load_config(Stage2Config, CONFIGS[name] if name in CONFIGS else Path(name))
+        cfg = load_config(Stage2Config, config_path(CONFIGS[name]) if name in CONFIGS else Path(name))
         big = cfg.crop.size >= 160
         slow_cpu = device.type == "cpu" and big
         b = batch or (2 if slow_cpu else cfg.train.batch_size)

@@ -1,6 +1,6 @@
 """Stage-1 throughput: training samples/s and prediction studies/s, AMP beside fp32.
 
-    python -m stage1_seg.bench [--config configs/stage1.yaml] [--steps 10] [--batch-size 4] [key=value ...]
+    python -m tooling.bench.stage1 [--config configs/stage1.yaml] [--steps 10] [--batch-size 4] [key=value ...]
 
 Random weights and inputs at the configured cube size (128^3 by default); the
 prediction figure includes the shared preprocessing of a 300 x 512 x 512 study.
@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from common.cli import CONFIG_DIR
 from common.config import load_config
-from common.distributed import choose_device
-from common.trainer import autocast_context
+from common.device import autocast_context, choose_device
+from common.trainer import make_scaler, train_step
+from configs import config_path
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import preprocess_hu
 from stage1_seg.model import build_model
-from stage1_seg.train import seg_loss
+from stage1_seg.train import batch_loss
 
 
 def _sync(device: torch.device) -> None:
@@ -30,23 +31,19 @@ def _sync(device: torch.device) -> None:
 
 
 def train_rate(cfg: Stage1Config, device: torch.device, amp: bool, batch: int, steps: int) -> float:
-    """Training samples/s (forward, backward, AdamW step)."""
+    """Training samples/s of the trainer's own step (forward, loss, backward, clipping, AdamW)."""
     model = build_model(cfg.model).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = make_scaler(device, amp)
     size = cfg.preprocess.size
-    x = torch.rand(batch, cfg.model.in_channels, size, size, size, device=device)
-    y = (torch.rand(batch, 7, size, size, size, device=device) > 0.95).float()
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    data = {"image": torch.rand(batch, cfg.model.in_channels, size, size, size, device=device),
+            "target": (torch.rand(batch, 7, size, size, size, device=device) > 0.95).float()}
+    loss_fn = partial(batch_loss, cfg)
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
             _sync(device)
             start = time.perf_counter()
-        with autocast_context(device, amp):
-            loss = seg_loss(model(x), y, 0.5, 0.5)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(loss_fn, model, data, device, optimizer, scaler, amp, cfg.train.grad_clip)
     _sync(device)
     return steps * batch / (time.perf_counter() - start)
 
@@ -76,7 +73,7 @@ def predict_rate(cfg: Stage1Config, device: torch.device, amp: bool, studies: in
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(CONFIG_DIR / "stage1.yaml"))
+    parser.add_argument("--config", default=str(config_path("stage1.yaml")))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--studies", type=int, default=5)

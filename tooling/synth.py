@@ -1,6 +1,6 @@
 """A synthetic RSNA 2022 cervical spine dataset in the Kaggle layout.
 
-``python -m common.synth --out DIR`` writes, under DIR::
+``python -m tooling.synth --out DIR`` writes, under DIR::
 
     train_images/<UID>/<InstanceNumber>.dcm   test_images/<UID>/<n>.dcm
     segmentations/<UID>.nii                   (the first --n-seg training studies)
@@ -8,7 +8,7 @@
     test_labels.csv                           (hidden labels of the test studies)
     synth_info.json                           (per-study syntax, slice order, pixel sign)
 
-Each study is a rendered neck phantom (``common.phantom``) with fractures drawn
+Each study is a rendered neck phantom (``tooling.phantom``) with fractures drawn
 to match the competition's label prevalence. Studies cycle through transfer
 syntaxes (uncompressed explicit/implicit VR, JPEG Lossless, JPEG 2000 lossless,
 RLE), slice orders (head-first and feet-first instance numbers) and pixel
@@ -19,12 +19,10 @@ same seed gives the same pixels, masks and CSVs, whatever the worker count.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import multiprocessing
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -34,14 +32,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
-                         JPEGLosslessSV1, RLELossless)
+from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1,
+                         RLELossless)
 from tqdm import tqdm
 
 from common.constants import OVERALL, PRED_COL, PREDICTION_TYPE_COL, ROW_ID_COL, STUDY_COL, TARGETS, VERTEBRAE
 from common.io import write_bytes_atomic, write_csv_atomic, write_json_atomic
-from common.phantom import Phantom, render_phantom
+from tooling.dicom_writer import write_ct_series
+from tooling.phantom import Phantom, render_phantom
 
 log = logging.getLogger(__name__)
 
@@ -124,104 +122,12 @@ def instance_numbers(spec: StudySpec) -> np.ndarray:
     return np.arange(n, 0, -1) if spec.feet_first else np.arange(1, n + 1)
 
 
-def _series_header(spec: StudySpec, ph: Phantom) -> Dataset:
-    """The header every slice of the study shares; ``_set_slice`` fills in the rest."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.Modality = CTImageStorage, "CT"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = spec.uid, f"{spec.uid}.1"
-    ds.FrameOfReferenceUID, ds.PatientID = f"{spec.uid}.2", spec.uid.rsplit(".", 1)[1]
-    ds.ImageType, ds.PatientPosition = ["ORIGINAL", "PRIMARY", "AXIAL"], "HFS"
-    ds.SeriesNumber = 1
-    # fixed dates: GDCM stamps the current time into any missing StudyTime, which
-    # would make two runs with the same seed differ
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20220701"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SliceThickness = f"{ph.spacing[0]:.5f}"
-    ds.PixelSpacing = [f"{ph.spacing[1]:.6f}", f"{ph.spacing[2]:.6f}"]
-    ds.Rows, ds.Columns = ph.hu.shape[1:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated = 1, "MONOCHROME2", 16
-    ds.RescaleSlope, ds.RescaleType = 1, "HU"
-    ds.WindowCenter, ds.WindowWidth = 400, 1800
-    if spec.signed:
-        ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept = 16, 15, 1, 0
-    else:
-        ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept = 12, 11, 0, -1024
-    return ds
-
-
-def _set_slice(ds: Dataset, spec: StudySpec, ph: Phantom, s: int, instance: int) -> np.ndarray:
-    """Point ``ds`` at slice s (head-to-feet index); returns its stored pixels (R, C)."""
-    sop = f"{spec.uid}.1.{instance}"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop
-    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if spec.syntax == ImplicitVRLittleEndian
-                                      else ExplicitVRLittleEndian)
-    ds.InstanceNumber = instance
-    z = f"{float(ph.z_positions[s]):.5f}"
-    ds.ImagePositionPatient = [f"{ph.origin[0]:.4f}", f"{ph.origin[1]:.4f}", z]
-    ds.SliceLocation = z
-    if spec.signed:
-        return ph.hu[s].astype(np.int16)
-    return (ph.hu[s].astype(np.int32) + 1024).astype(np.uint16)
-
-
-def _save_slice(ds: Dataset, pixels: np.ndarray, path: Path, syntax: str, scratch: Path) -> None:
-    """Write one slice in ``syntax``; every encoding used here is lossless."""
-    if syntax in (RLELossless, JPEG2000Lossless):
-        ds.compress(syntax, pixels, generate_instance_uid=False)
-    else:
-        ds.PixelData = pixels.tobytes()
-        ds["PixelData"].VR = "OW"
-    if syntax != JPEGLosslessSV1:
-        buffer = io.BytesIO()  # one write per file: pydicom's many small file writes cost 2x
-        ds.save_as(buffer, enforce_file_format=True)
-        path.write_bytes(buffer.getvalue())
-        return
-    import gdcm  # pydicom has no JPEG Lossless encoder; GDCM transcodes the uncompressed file
-
-    ds.save_as(scratch, enforce_file_format=True)
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(scratch))
-    if not reader.Read():
-        raise RuntimeError(f"GDCM could not read back {scratch}")
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
-    change.SetInput(reader.GetImage())
-    if not change.Change():
-        raise RuntimeError(f"GDCM could not encode {path} as JPEG Lossless")
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(path))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    if not writer.Write():
-        raise RuntimeError(f"GDCM could not write {path}")
-
-
 def write_dicom_series(folder: Path, spec: StudySpec, ph: Phantom) -> np.ndarray:
-    """Write ``ph`` as ``folder/<InstanceNumber>.dcm``; returns (S,) instance numbers, head to feet.
-
-    The series is built in a hidden sibling folder and renamed into place, so an
-    interrupted run never leaves a half-written study.
-    """
-    numbers = instance_numbers(spec)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        ds = _series_header(spec, ph)
-        for s, instance in enumerate(numbers):
-            pixels = _set_slice(ds, spec, ph, s, int(instance))
-            _save_slice(ds, pixels, partial_dir / f"{instance}.dcm", spec.syntax, partial_dir / "scratch.tmp")
-        (partial_dir / "scratch.tmp").unlink(missing_ok=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(partial_dir, folder)
-    finally:
-        if partial_dir.exists():
-            shutil.rmtree(partial_dir)
-    return numbers
+    """Write ``ph`` as ``folder/<InstanceNumber>.dcm`` (atomically); returns (S,) instance numbers, head to feet."""
+    write_ct_series(folder, ph.hu, spacing=ph.spacing, origin=(ph.origin[0], ph.origin[1], ph.origin[2]),
+                    signed=spec.signed, head_first_instances=not spec.feet_first,
+                    transfer_syntax=spec.syntax, study_uid=spec.uid, atomic=True)
+    return instance_numbers(spec)
 
 
 def segmentation_array(labels: np.ndarray) -> np.ndarray:
@@ -335,7 +241,7 @@ def make_dataset(out: str | os.PathLike, n_train: int = 40, n_seg: int = 20, n_t
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m common.synth",
+    parser = argparse.ArgumentParser(prog="python -m tooling.synth",
                                      description="Write a synthetic RSNA 2022 dataset in the Kaggle layout.")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--n-train", type=int, default=40, help="training studies")

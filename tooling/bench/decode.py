@@ -1,7 +1,7 @@
-"""Benchmark ``load_study`` against the naive pydicom loop: ``python -m common.bench``.
+"""Benchmark ``load_study`` against the naive pydicom loop: ``python -m tooling.bench.decode``.
 
 Builds, in a temporary folder, one CT-like study per transfer syntax (from the real
-series in ``../shared/data`` when present, else a synthetic phantom), then times in a
+series in the tests' data folder when present, else a synthetic phantom), then times in a
 fresh, CPU-pinned subprocess per measurement:
 
 * load_study: ``common.dicom.load_study(folder)``
@@ -15,8 +15,7 @@ average). Loaders run one after another, each pinned to ``--cores`` CPUs.
 
 Peak memory is the growth of the process's resident set (VmHWM after resetting it via
 /proc/self/clear_refs, minus VmRSS before the load), so it counts C-library buffers
-too, divided by the size of the int16 volume. Also holds the small DICOM writers the
-tests use (``write_ct_series``, ``transcode_file``).
+too, divided by the size of the int16 volume.
 """
 from __future__ import annotations
 
@@ -31,9 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from tqdm import tqdm
+
+from tooling.dicom_writer import write_ct_series
 
 SYNTAXES = {  # benchmark name -> transfer syntax UID
     "explicit-le": "1.2.840.10008.1.2.1",
@@ -41,131 +39,14 @@ SYNTAXES = {  # benchmark name -> transfer syntax UID
     "jpeg2000": "1.2.840.10008.1.2.4.90",
     "rle": "1.2.840.10008.1.2.5",
 }
-_GDCM_NAMES = {  # transfer syntax UID -> gdcm.TransferSyntax attribute
-    "1.2.840.10008.1.2": "ImplicitVRLittleEndian",
-    "1.2.840.10008.1.2.1": "ExplicitVRLittleEndian",
-    "1.2.840.10008.1.2.4.57": "JPEGLosslessProcess14",
-    "1.2.840.10008.1.2.4.70": "JPEGLosslessProcess14_1",
-    "1.2.840.10008.1.2.4.90": "JPEG2000Lossless",
-    "1.2.840.10008.1.2.4.91": "JPEG2000",
-    "1.2.840.10008.1.2.5": "RLELossless",
-}
-REAL_SERIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" \
-    / "totalsegmentator_example_ct" / "dicom"
-
-
-def transcode_file(src: str | os.PathLike, dst: str | os.PathLike, transfer_syntax: str) -> None:
-    """Re-encode one DICOM file losslessly into ``transfer_syntax`` with python-gdcm."""
-    import gdcm  # optional dependency, needed only to write compressed files
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(src))
-    if not reader.Read():
-        raise RuntimeError(f"{src}: gdcm cannot read the image")
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax,
-                                                         _GDCM_NAMES[transfer_syntax])))
-    change.SetInput(reader.GetImage())
-    if not change.Change():
-        raise RuntimeError(f"{src}: gdcm cannot transcode to {transfer_syntax}")
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(dst))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    if not writer.Write():
-        raise RuntimeError(f"{dst}: gdcm cannot write the transcoded image")
-
-
-def _slice_dataset(stored: np.ndarray, position: np.ndarray, instance: int,
-                   meta: dict[str, Any]) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = meta["syntax"]
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = meta["study_uid"], meta["series_uid"]
-    ds.Modality, ds.ImageType = "CT", list(meta["image_type"])
-    ds.InstanceNumber = instance
-    ds.ImagePositionPatient = [round(float(v), 4) for v in position]
-    ds.ImageOrientationPatient = [float(v) for v in meta["orientation"]]
-    ds.PixelSpacing = [meta["spacing"][1], meta["spacing"][2]]
-    ds.SliceThickness = meta["spacing"][0]
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, meta["bits_stored"], meta["bits_stored"] - 1
-    ds.PixelRepresentation = int(meta["signed"])
-    ds.RescaleIntercept, ds.RescaleSlope = meta["intercept"], meta["slope"]
-    ds.PixelData = stored.tobytes()
-    return ds
-
-
-def write_ct_series(folder: str | os.PathLike, hu: np.ndarray, *,
-                    spacing: tuple[float, float, float] = (2.0, 0.8, 0.8), signed: bool = True,
-                    bits_stored: int = 16, intercept: float = -1024.0, slope: float = 1.0,
-                    head_first_instances: bool = True, first_instance: int = 1,
-                    names: Sequence[str] | None = None, suffix: str = ".dcm",
-                    transfer_syntax: str = ExplicitVRLittleEndian, series_uid: str | None = None,
-                    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
-                    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
-                    top_z: float = 0.0, progress: bool = False) -> list[Path]:
-    """Write ``hu`` ((slices, rows, cols), head to feet) as a CT series; return the paths.
-
-    Slices are ``spacing[0]`` mm apart along the slice normal, the first one highest.
-    File names default to ``<InstanceNumber><suffix>``; ``names`` (in ``hu`` order)
-    overrides them. Stored values = (hu - intercept) / slope must fit ``bits_stored``.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    hu = np.asarray(hu)
-    lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed \
-        else (0, 2 ** bits_stored - 1)
-    extremes = np.rint((np.array([hu.min(), hu.max()], dtype=np.float64) - intercept) / slope)
-    if extremes.min() < lo or extremes.max() > hi:
-        raise ValueError(f"stored values {extremes.min():g}..{extremes.max():g} do not fit "
-                         f"{bits_stored}-bit {'signed' if signed else 'unsigned'} pixels")
-    iop = np.asarray(orientation, dtype=np.float64)
-    normal = np.cross(iop[:3], iop[3:])
-    normal = -normal if normal[2] < 0 else normal
-    n_slices, rows, cols = hu.shape
-    meta = dict(syntax=transfer_syntax, study_uid=generate_uid(),
-                series_uid=series_uid or generate_uid(), image_type=image_type,
-                orientation=orientation, spacing=spacing, bits_stored=bits_stored,
-                signed=signed, intercept=intercept, slope=slope)
-    if transfer_syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
-        meta["syntax"] = ExplicitVRLittleEndian  # written plain, then transcoded
-    paths = []
-    for i in tqdm(range(n_slices), desc=f"writing {folder.name}", disable=not progress,
-                  leave=False):
-        stored = np.rint((hu[i].astype(np.float64) - intercept) / slope)
-        stored = stored.astype(np.int16 if signed else np.uint16)
-        instance = first_instance + (i if head_first_instances else n_slices - 1 - i)
-        position = np.array([-0.5 * cols * spacing[2], -0.5 * rows * spacing[1], top_z]) \
-            - i * spacing[0] * normal
-        path = folder / (names[i] if names is not None else f"{instance}{suffix}")
-        ds = _slice_dataset(stored, position, instance, meta)
-        if meta["syntax"] == transfer_syntax:
-            ds.save_as(path, enforce_file_format=True)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                ds.save_as(Path(tmp) / "plain.dcm", enforce_file_format=True)
-                transcode_file(Path(tmp) / "plain.dcm", path, transfer_syntax)
-        paths.append(path)
-    return paths
+# The real series the tests carry (present in a checkout, not in an installed wheel).
+REAL_SERIES = Path(__file__).resolve().parents[2] / "tests" / "data" / "totalsegmentator_example_ct" / "dicom"
 
 
 def _resample_in_plane(image: np.ndarray, size: int) -> np.ndarray:
     rows = np.linspace(0, image.shape[0] - 1, size).round().astype(int)
     cols = np.linspace(0, image.shape[1] - 1, size).round().astype(int)
     return image[np.ix_(rows, cols)]
-
-
-def _phantom_slice(size: int, rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    hu = np.full((size, size), -1000.0)
-    hu[(xx / 0.42) ** 2 + (yy / 0.33) ** 2 < 1] = 40.0  # body
-    hu[(xx / 0.06) ** 2 + ((yy - 0.15) / 0.06) ** 2 < 1] = 700.0  # vertebra
-    return hu + rng.normal(0, 15, hu.shape)
 
 
 def bench_volume(slices: int, size: int, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -182,8 +63,10 @@ def bench_volume(slices: int, size: int, seed: int = 0) -> tuple[np.ndarray, str
         base = load_study(REAL_SERIES).hu
         source = f"real series ({len(base)} slices) + noise sd 5 HU"
     else:
-        base = np.stack([_phantom_slice(size, rng) for _ in range(4)])
-        source = "synthetic phantom + noise sd 15 HU"
+        from tooling.phantom import render_phantom
+
+        base = render_phantom(rng, size, 20, (0,) * 7).hu
+        source = "rendered neck phantom (20 slices) + noise sd 5 HU"
     vol = np.empty((slices, size, size), dtype=np.int16)
     for k in range(slices):
         image = _resample_in_plane(base[k * len(base) // slices].astype(np.float64), size)
@@ -257,10 +140,10 @@ def _child(method: str, folder: str, cores: int, repeats: int) -> dict[str, Any]
 
 
 def _run_child(method: str, folder: Path, cores: int, repeats: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "common.bench", "--child", method, str(folder),
+    cmd = [sys.executable, "-m", "tooling.bench.decode", "--child", method, str(folder),
            "--cores", str(cores), "--repeats", str(repeats)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

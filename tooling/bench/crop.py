@@ -1,9 +1,9 @@
 """Crop throughput on a synthetic study: decode once vs. re-read files per slice.
 
-``python -m stage2_cls.bench_crop [--slices 300] [--size 512] [--syntax native|rle|j2k]
+``python -m tooling.bench.crop [--slices 300] [--size 512] [--syntax native|rle|j2k]
 [--repeat 3]``
 
-Writes one synthetic CT series as DICOM files into a temporary folder and prints, per
+Writes one rendered neck phantom as DICOM files into a temporary folder and prints, per
 study: ``build_stacks`` alone on the volume in memory; ``load_study`` + ``build_stacks``
 + compressed save (what ``stage2_cls.crop`` does); and the naive public approach beside
 it, which reads the 5 DICOM files of every one of the 7 x 15 stack items with pydicom,
@@ -20,92 +20,30 @@ from typing import Callable
 import cv2
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from common.dicom import load_study
 from common.io import save_npz_atomic
+from common.volume import resample_labels
 from stage1_seg.boxes import vertebra_boxes
 from stage2_cls.config import CropConfig
 from stage2_cls.crop import COMPRESS_LEVEL, save_crop
 from stage2_cls.stacks import boxes_array, build_stacks, mask_crops, square_window, centre_slices
+from tooling.dicom_writer import write_ct_series
+from tooling.phantom import render_phantom
 
 SYNTAXES = {"native": ExplicitVRLittleEndian, "rle": RLELossless, "j2k": JPEG2000Lossless}
 
 
-def write_ct_series(folder: str | Path, hu: np.ndarray, spacing: tuple[float, float, float] = (1.0, 0.5, 0.5),
-                    syntax: str = "native", study_uid: str | None = None) -> list[Path]:
-    """Write ``hu`` (S, H, W) int16, head to feet, as one DICOM file per slice.
-
-    Files are named ``<InstanceNumber>.dcm`` (1 = head) and stored as 12-bit unsigned
-    values with RescaleIntercept -1024, like most RSNA studies. Returns the paths.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    study_uid = study_uid or generate_uid()
-    series_uid = generate_uid()
-    stored = (np.clip(hu, -1024, 3071).astype(np.int32) + 1024).astype(np.uint16)
-    paths = []
-    for i, image in enumerate(stored):
-        ds = _ct_header(study_uid, series_uid, i, image.shape, spacing)
-        ds.PixelData = image.tobytes()
-        if syntax != "native":
-            ds.compress(SYNTAXES[syntax], image)
-        path = folder / f"{i + 1}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def _ct_header(study_uid: str, series_uid: str, index: int, shape: tuple[int, int],
-               spacing: tuple[float, float, float]) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.Modality, ds.ImageType = "CT", ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.InstanceNumber = index + 1
-    ds.ImagePositionPatient = [0.0, 0.0, -float(index) * spacing[0]]  # head first: z decreases
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [spacing[1], spacing[2]]
-    ds.SliceThickness = spacing[0]
-    ds.Rows, ds.Columns = shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-    return ds
-
-
 def synthetic_study(slices: int, size: int, seed: int = 0, low: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """A noisy neck-like volume with seven stacked vertebral bodies.
+    """A rendered neck phantom and its C1..C7 masks as a stage-1 model would give them.
 
-    Returns hu (slices, size, size) int16 and probs (7, low, low, low) uint8, the
-    vertebra masks as a stage-1 model would give them at its own resolution.
+    Returns hu (slices, size, size) int16 and probs (7, low, low, low) uint8 (the
+    true masks resampled to the stage-1 resolution).
     """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    neck = ((yy - 0.5) / 0.38) ** 2 + ((xx - 0.5) / 0.42) ** 2 <= 1
-    hu = np.empty((slices, size, size), dtype=np.int16)
-    bands = np.linspace(0.1 * slices, 0.9 * slices, 8)
-    for z in range(slices):
-        image = np.where(neck, 40.0, -1000.0) + rng.normal(0, 20, (size, size))
-        c = np.searchsorted(bands, z) - 1
-        if 0 <= c < 7:
-            r = ((yy - 0.58) / 0.07) ** 2 + ((xx - 0.5) / 0.08) ** 2
-            image[r <= 1] = 300 + 500 * (r[r <= 1] > 0.7) + rng.normal(0, 30, int((r <= 1).sum()))
-        hu[z] = np.clip(image, -1024, 3071)
-    zl = (np.arange(low) + 0.5) * slices / low - 0.5
-    yl, xl = np.meshgrid((np.arange(low) + 0.5) / low, (np.arange(low) + 0.5) / low, indexing="ij")
-    disc = ((yl - 0.58) / 0.07) ** 2 + ((xl - 0.5) / 0.08) ** 2 <= 1
-    probs = np.zeros((7, low, low, low), dtype=np.uint8)
-    for c in range(7):
-        inside = (zl >= bands[c]) & (zl < bands[c + 1])
-        probs[c][inside] = disc * 255
-    return hu, probs
+    ph = render_phantom(np.random.default_rng(seed), size, slices, (0,) * 7)
+    probs = resample_labels(ph.labels, (low, low, low))
+    return ph.hu, np.round(probs * 255).astype(np.uint8)
 
 
 def naive_stacks(files: list[Path], probs: np.ndarray, box_rows: np.ndarray, shape: tuple[int, int, int],
@@ -150,7 +88,8 @@ def benchmark(slices: int, size: int, syntax: str, repeat: int) -> list[tuple[st
     raw = 7 * cfg.n_slices * (2 * cfg.context + 2) * cfg.size * cfg.size
     with tempfile.TemporaryDirectory() as tmp:
         study_dir, out, ref = Path(tmp) / "study", Path(tmp) / "crop.npz", Path(tmp) / "ref.npz"
-        files = write_ct_series(study_dir, hu, syntax=syntax)
+        files = write_ct_series(study_dir, hu, spacing=(1.0, 0.5, 0.5), signed=False,
+                                transfer_syntax=SYNTAXES[syntax])
         result = build_stacks(hu, probs, boxes, cfg)
         t_build = _best_of(lambda: build_stacks(hu, probs, boxes, cfg), repeat)
         t_load = _best_of(lambda: load_study(study_dir), repeat)

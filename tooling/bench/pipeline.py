@@ -1,6 +1,6 @@
 """Seconds per study of the whole submission path, by phase, at real sizes.
 
-    python -m bench_pipeline [--studies 3] [--size 512] [--slices 300] [--folds 5]
+    python -m tooling.bench.pipeline [--studies 3] [--size 512] [--slices 300] [--folds 5]
 
 Writes random-weight fold checkpoints built from configs/stage1.yaml and
 configs/stage2.yaml (the full 5+5-fold ensemble by default), synthesises test
@@ -18,9 +18,9 @@ import torch
 
 import make_submission
 from common.checkpoint import save_checkpoint
-from common.cli import CONFIG_DIR
 from common.config import load_config, to_dict
-from common.synth import make_dataset
+from configs import config_path
+from tooling.synth import make_dataset
 from stage1_seg.config import Stage1Config
 from stage1_seg.model import build_model as build_seg
 from stage2_cls.config import Stage2Config
@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         root = Path(args.work or tmp)
         make_dataset(root / "data", n_train=2, n_seg=0, n_test=args.studies, size=args.size, seed=0,
                      n_slices=args.slices)
-        cfg1 = load_config(Stage1Config, CONFIG_DIR / "stage1.yaml", ["run=bench", *args.stage1])
-        cfg2 = load_config(Stage2Config, CONFIG_DIR / "stage2.yaml", ["run=bench", *args.stage2])
+        cfg1 = load_config(Stage1Config, config_path("stage1.yaml"), ["run=bench", *args.stage1])
+        cfg2 = load_config(Stage2Config, config_path("stage2.yaml"), ["run=bench", *args.stage2])
         write_models(root / "models", args.folds, cfg1, cfg2)
         cfg = make_submission.SubmissionConfig(stage1_checkpoints="stage1/bench/fold*/best.pt",
                                                stage2_checkpoints="stage2/bench/fold*/best.pt",

@@ -1,6 +1,6 @@
 """The whole pipeline on a synthetic RSNA-format dataset, on a laptop CPU.
 
-    python -m demo --out demo        (make demo)
+    python -m tooling.demo --out demo        (make demo)
 
 Makes the dataset, trains stage 1 and stage 2 (one fold each, demo configs),
 predicts masks and boxes, cuts the crops, writes ``submission.csv`` for the
@@ -21,11 +21,12 @@ import numpy as np
 import pandas as pd
 
 import make_submission
-from common.cli import CONFIG_DIR, setup_logging
+from common.cli import setup_logging
+from configs import config_path
 from common.config import load_config
 from common.constants import TARGETS
 from common.metric import constant_score, evaluate_submission, read_labels_csv
-from common.synth import make_dataset
+from tooling.synth import make_dataset
 from stage1_seg import predict as stage1_predict
 from stage1_seg import train as stage1_train
 from stage1_seg.config import Stage1Config
@@ -52,9 +53,9 @@ def _step(name: str, done: bool, action: Callable[[], Any], timings: dict[str, f
 def run(out: Path, n_train: int, n_seg: int, n_test: int, size: int, seed: int, fold: int = 0,
         overrides1: Sequence[str] = (), overrides2: Sequence[str] = ()) -> dict[str, Any]:
     data, work = out / "data", out / "work"
-    cfg1 = load_config(Stage1Config, CONFIG_DIR / "demo" / "stage1.yaml", [f"predict.folds=[{fold}]", *overrides1])
-    cfg2 = load_config(Stage2Config, CONFIG_DIR / "demo" / "stage2.yaml", overrides2)
-    sub_cfg = load_config(make_submission.SubmissionConfig, CONFIG_DIR / "demo" / "submission.yaml")
+    cfg1 = load_config(Stage1Config, config_path("demo/stage1.yaml"), [f"predict.folds=[{fold}]", *overrides1])
+    cfg2 = load_config(Stage2Config, config_path("demo/stage2.yaml"), overrides2)
+    sub_cfg = load_config(make_submission.SubmissionConfig, config_path("demo/submission.yaml"))
     s1_dir, s2_dir = work / "stage1" / cfg1.run, work / "stage2" / cfg2.run
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -77,7 +78,7 @@ def run(out: Path, n_train: int, n_seg: int, n_test: int, size: int, seed: int, 
     result["stage1"] = json.loads((s1_dir / f"fold{fold}" / "metrics.json").read_text())
     result["stage2"] = json.loads((s2_dir / f"fold{fold}" / "metrics.json").read_text())
     try:
-        from demo_report import write_report
+        from tooling.demo_report import write_report
         result["figures"] = write_report(out, data, work, cfg1, cfg2, fold)
     except Exception as exc:  # the figures are a bonus: never lose the score over them
         log.warning("figures not written: %s", exc)
