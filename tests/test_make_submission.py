@@ -77,10 +77,11 @@ def test_time_budget_switches_to_prior(setup, tmp_path):
     assert np.isfinite(sub["fractured"]).all()
 
 
-def test_calibration_is_applied(setup, tmp_path):
-    calib = {"vertebra": {"temperature": 1.0, "bias": -3.0}, "overall": {"temperature": 1.0, "bias": 3.0}}
-    models = tmp_path / "models"
+def test_calibration_is_applied_only_when_marked_for_use(setup, tmp_path):
     import shutil
+
+    calib = {"use": True, "vertebra": {"temperature": 1.0, "bias": -3.0}, "overall": {"temperature": 1.0, "bias": 3.0}}
+    models = tmp_path / "models"
     shutil.copytree(setup / "models", models)
     (models / "stage2" / "tiny" / "calibration.json").write_text(json.dumps(calib))
     raw = make_submission.run(_config(setup), setup / "data", setup / "models", tmp_path / "raw.csv")
@@ -91,6 +92,11 @@ def test_calibration_is_applied(setup, tmp_path):
     vert = [r for r in a.index if not r.endswith("patient_overall")]
     overall = [r for r in a.index if r.endswith("patient_overall")]
     assert (b[vert] < a[vert]).all() and (b[overall] > a[overall]).all()
+    # A calibration the report refused (use: false) leaves the raw probabilities.
+    (models / "stage2" / "tiny" / "calibration.json").write_text(json.dumps({**calib, "use": False}))
+    make_submission.run(_config(setup), setup / "data", models, tmp_path / "unused.csv")
+    c = pd.read_csv(tmp_path / "unused.csv").set_index("row_id")["fractured"]
+    assert np.allclose(c.to_numpy(), a.to_numpy())
 
 
 def test_missing_models_give_a_clear_error(setup, tmp_path):

@@ -37,6 +37,7 @@ def _cfg(*extra):
     return load_config(Stage1Config, None, [*TINY, *extra])
 
 
+@pytest.mark.slow
 def test_train_one_fold_writes_everything(data, tmp_path):
     metrics = train.run(_cfg("train.steps=4"), data, tmp_path, fold=0)
     fold_dir = tmp_path / "stage1" / "tiny" / "fold0"

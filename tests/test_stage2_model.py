@@ -16,23 +16,16 @@ def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("backbone", ["convnext_atto", "resnet18"])
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
-def test_shapes_finite_and_gradients(backbone, pooling):
+def test_vertebra_probability_and_logit_agree(pooling):
+    """Shapes and gradients are checked for every model in test_models.py; here the pooling heads."""
     torch.manual_seed(0)
-    model = build_model(small_cfg(backbone=backbone, pooling=pooling))
-    x = torch.rand(2, 5, 6, 32, 32)
-    out = model(x)
-    assert out["slice_logits"].shape == (2, 5)
-    assert ("attention" in out) == (pooling == "attention")
+    out = build_model(small_cfg(pooling=pooling))(torch.rand(2, 5, 6, 32, 32))
     if pooling == "attention":
         assert torch.allclose(out["attention"].sum(1), torch.ones(2))
     prob = vertebra_probability(out)
-    assert prob.shape == (2,) and torch.isfinite(prob).all() and ((prob > 0) & (prob < 1)).all()
+    assert prob.shape == (2,) and ((prob > 0) & (prob < 1)).all()
     assert torch.allclose(torch.sigmoid(vertebra_logit(out)), prob, atol=1e-6)
-    prob.sum().backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_mean_pooling_is_mean_of_slice_probabilities():

@@ -19,6 +19,7 @@ from configs import config_path
 from common.metric import competition_score, label_weights
 from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import CropStore, VertebraDataset, fill_missing
+from stage2_cls.infer import Stage2Ensemble
 from stage2_cls.model import weighted_loss
 from stage2_cls.train import run, study_probabilities
 
@@ -148,9 +149,17 @@ def test_run_one_epoch_writes_metrics_and_oof(tmp_path, caplog):
     assert len(pd.read_csv(fold_dir / "log.csv")) == 1
 
 
-def test_run_attention_pooling_with_mixup(tmp_path):
-    data_dir, work_dir, _ = make_crop_data(tmp_path, seed=1)
+def test_run_attention_pooling_with_mixup_matches_inference(tmp_path):
+    """The OOF file written in training equals what the inference ensemble gives from best.pt."""
+    data_dir, work_dir, labels = make_crop_data(tmp_path, seed=1)
     cfg = tiny_config(**{"model.pooling": "attention", "augment.mixup_p": 1.0, "overall": "max"})
-    metrics = run(cfg, data_dir, work_dir, fold=1)
-    assert math.isfinite(metrics["score"])
-    assert (work_dir / "stage2" / "demo" / "oof_fold1.csv").is_file()
+    run(cfg, data_dir, work_dir, fold=1)
+    oof = pd.read_csv(work_dir / "stage2" / "demo" / "oof_fold1.csv", dtype={STUDY_COL: str})
+    ensemble = Stage2Ensemble([work_dir / "stage2" / "demo" / "fold1" / "best.pt"], device=torch.device("cpu"))
+    store = CropStore(work_dir / "crops", oof[STUDY_COL].tolist())
+    for i, row in oof.iterrows():
+        vertebra = ensemble.predict(store.study(i))
+        present = ~store.missing[i]
+        assert np.allclose(row[list(TARGETS[:7])].to_numpy(float)[present], np.clip(vertebra, 1e-4, 1 - 1e-4)[present],
+                           atol=1e-5)
+        assert row["patient_overall"] == pytest.approx(row[list(TARGETS[:7])].max())  # overall: max
