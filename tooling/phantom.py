@@ -1,10 +1,9 @@
 """An analytic neck CT phantom: skull base, C1..C7 and the upper thoracic spine.
 
-Geometry lives in a spine-local frame, in millimetres: ``u`` runs to the
-patient's left, ``v`` to the back (the spinal canal centre is ``u = v = 0``)
-and ``d`` is the depth below the top of the scanned range. Every structure is
-an analytic shape evaluated on voxel coordinates, so the label map comes from
-the same geometry as the intensities and always matches them.
+The anatomy is drawn by ``tooling.anatomy`` (in a spine-local frame, in mm);
+every structure is an analytic shape evaluated on voxel coordinates, so the
+label map comes from the same geometry as the intensities and always matches
+them.
 
 ``render_phantom`` turns one random draw of this anatomy into an HU volume
 (int16) and a label volume (uint8: 1..7 = C1..C7, 8.. = T1..), both shaped
@@ -20,86 +19,12 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from tooling.anatomy import LEVELS, PRESETS, Anatomy, Plane, Variety, Vertebra, sample_anatomy
+
 CHUNK = 16  # slices rendered at once: bounds memory at large sizes
 HU_MIN, HU_MAX = -1024, 3071  # the range a 12-bit unsigned file with intercept -1024 holds
-SKULL_ID, MANDIBLE_ID, HYOID_ID = 20, 21, 22  # bone that is not labelled
+SKULL_ID, MANDIBLE_ID, HYOID_ID, METAL_ID = 20, 21, 22, 23  # dense things that are not labelled
 AIR, FAT, CSF, CORD, DISC, THYROID, HEMATOMA = -1000.0, -95.0, 8.0, 35.0, 80.0, 95.0, 30.0
-
-# Per level: body height range, body half-width / half-depth, canal half-width /
-# half-depth, spinous process length, transverse process length (mm, adult
-# proportions). C1 has no body: its "body" numbers size the lateral masses and
-# its canal numbers the inside of the ring.
-LEVELS = (  # label, h_lo, h_hi, a_body, b_body, a_canal, b_canal, spine, tp
-    (1, 9.0, 11.0, 5.5, 8.0, 14.0, 15.0, 5.0, 13.0),
-    (2, 15.0, 18.0, 8.5, 7.5, 11.5, 8.0, 17.0, 7.0),
-    (3, 12.5, 14.5, 8.5, 7.5, 11.5, 7.5, 12.0, 8.0),
-    (4, 12.5, 14.5, 8.8, 7.6, 11.5, 7.5, 12.0, 8.0),
-    (5, 13.0, 15.0, 9.2, 7.8, 11.5, 7.5, 13.0, 8.5),
-    (6, 13.0, 15.0, 9.8, 8.0, 11.0, 7.5, 17.0, 9.0),
-    (7, 14.0, 16.0, 10.8, 8.6, 10.5, 7.2, 24.0, 11.0),
-    (8, 16.0, 18.0, 12.0, 10.0, 9.0, 7.0, 27.0, 15.0),
-    (9, 17.0, 19.0, 12.6, 11.0, 8.0, 7.0, 27.0, 15.0),
-    (10, 18.0, 20.0, 13.0, 12.0, 8.0, 7.0, 26.0, 15.0),
-)
-
-
-@dataclass(frozen=True)
-class Plane:
-    """A fracture gap: voxels within width/2 of the plane and radius of point."""
-
-    point: tuple[float, float, float]  # (u, v, d) mm
-    normal: tuple[float, float, float]  # unit vector in (u, v, d)
-    radius: float
-    width: float
-
-
-@dataclass
-class Vertebra:
-    """One vertebra; depths are of its body (C1: of its ring)."""
-
-    label: int
-    top: float
-    bottom: float
-    a_body: float
-    b_body: float
-    v_body: float
-    a_canal: float
-    b_canal: float
-    lamina: float
-    spine: float
-    tp: float
-    ring_v: float = 0.0  # C1: centre of the ring
-    dens: tuple[float, float, float] | None = None  # C2: (v, radius, tip depth)
-    planes: list[Plane] = field(default_factory=list)
-    shift: tuple[float, float] = (0.0, 0.0)  # body fragment beyond planes[0], mm
-    wedge: float = 0.0  # anterior height lost to compression, mm
-
-    def extent(self) -> tuple[float, float]:
-        """Depth range any part of this vertebra can occupy."""
-        top = self.dens[2] if self.dens else self.top
-        return top - 3.0, self.bottom + 0.45 * (self.lamina + self.spine) + 3.0
-
-
-@dataclass
-class Anatomy:
-    """Everything random about one study except the noise."""
-
-    vertebrae: list[Vertebra]
-    skull_bottom: float
-    depth: float  # scanned range, mm
-    pixel: float  # in-plane spacing, mm
-    fov: float
-    theta: float  # in-plane rotation, radians
-    centre: tuple[float, float]  # patient (x, y) of the image centre
-    offset: tuple[float, float]  # spine line at the top, from the image centre, mm
-    drift: tuple[float, float]  # mm of centre drift per mm of depth
-    curve: tuple[float, float]  # lordosis (anterior) and lateral bow amplitudes, mm
-    neck_knots: np.ndarray  # (K,) depths; the rows below are the outline at each
-    neck: np.ndarray  # (3, K): half-width, half-depth, centre v
-    fat_blobs: np.ndarray  # (N, 6): u, v, a, b, d0, d1
-    hu: dict[str, float]
-    kinds: dict[int, str] = field(default_factory=dict)  # fractured label -> kind
-
 
 @dataclass
 class Phantom:
@@ -135,101 +60,6 @@ def _between(d, lo, hi) -> np.ndarray:
 
 def _plane_dist(p: Plane, u, v, d) -> np.ndarray:
     return (u - p.point[0]) * p.normal[0] + (v - p.point[1]) * p.normal[1] + (d - p.point[2]) * p.normal[2]
-
-
-def _unit(x: Sequence[float]) -> tuple[float, float, float]:
-    n = math.sqrt(sum(c * c for c in x))
-    return tuple(float(c / n) for c in x)  # type: ignore[return-value]
-
-
-def _sample_vertebrae(rng: np.random.Generator, g: float, skull_bottom: float) -> list[Vertebra]:
-    """Stack the levels from C1 down with realistic heights and disc gaps."""
-    out: list[Vertebra] = []
-    depth = skull_bottom + 2.0 * g  # atlanto-occipital joint
-    dens_r, v_dens = 5.0 * g, -13.8 * g  # the dens stands over the back half of the C2 body
-    for label, h_lo, h_hi, a_b, b_b, a_c, b_c, spine, tp in LEVELS:
-        h = rng.uniform(h_lo, h_hi) * g
-        s = g * rng.uniform(0.94, 1.06)
-        a_c, b_c, lam = a_c * s, b_c * s, rng.uniform(4.0, 5.0) * g
-        vt = Vertebra(label, depth, depth + h, a_b * s, b_b * s, -(b_c + 0.8 * g + b_b * s),
-                      a_c, b_c, lam, spine * s * rng.uniform(0.9, 1.1), tp * s)
-        if label == 1:
-            front, back = v_dens - dens_r - 1.5 * g, 9.0 * g
-            vt.ring_v, vt.b_canal = (front + back) / 2, (back - front) / 2
-            vt.v_body = vt.ring_v - 0.2 * vt.b_canal  # lateral masses
-            depth = vt.bottom + 2.0 * g
-        else:
-            if label == 2:
-                vt.dens = (v_dens, dens_r, out[0].top + 1.0 * g)
-            depth = vt.bottom + rng.uniform(4.0, 5.5) * g * (1.1 if label >= 7 else 1.0)
-        out.append(vt)
-    return out
-
-
-def _add_fracture(rng: np.random.Generator, vt: Vertebra, width: float) -> str:
-    """Draw a visible fracture into vt: ring breaks (C1), lines or a wedge (C2..C7)."""
-    h, mid = vt.bottom - vt.top, (vt.top + vt.bottom) / 2
-    if vt.label == 1:
-        a_mid, b_mid = vt.a_canal + vt.lamina / 2, vt.b_canal + vt.lamina / 2
-        for alpha in rng.choice([-0.5, 0.5], size=int(rng.choice([1, 2, 2, 3]))) * math.pi:
-            alpha += rng.uniform(-0.6, 0.6)
-            point = (a_mid * math.cos(alpha), vt.ring_v + b_mid * math.sin(alpha), mid)
-            normal = _unit((-a_mid * math.sin(alpha), b_mid * math.cos(alpha), rng.uniform(-0.2, 0.2)))
-            vt.planes.append(Plane(point, normal, vt.lamina + 4.0, width * 1.2))
-        return "ring"
-    kind = "wedge" if rng.random() < 0.35 else "line"
-    n_planes = 1 if kind == "wedge" else int(rng.choice([1, 1, 2]))
-    for _ in range(n_planes):
-        phi = rng.uniform(0, math.pi)
-        normal = _unit((math.cos(phi), math.sin(phi), rng.uniform(-0.3, 0.3)))
-        if vt.dens is not None and rng.random() < 0.35:  # through the dens base
-            point = (0.0, vt.dens[0], vt.top - rng.uniform(1.0, 4.0))
-            radius = vt.dens[1] + 4.0
-        else:
-            point = (rng.uniform(-0.4, 0.4) * vt.a_body, vt.v_body + rng.uniform(-0.4, 0.4) * vt.b_body,
-                     vt.top + rng.uniform(0.25, 0.75) * h)
-            radius = 1.5 * max(vt.a_body, vt.b_body)
-        vt.planes.append(Plane(point, normal, radius, width))
-    if kind == "wedge":
-        vt.wedge = rng.uniform(0.3, 0.45) * h
-    else:
-        n = vt.planes[0].normal
-        step = rng.uniform(0.8, 2.0) / max(math.hypot(n[0], n[1]), 1e-6)
-        vt.shift = (n[0] * step, n[1] * step)
-    return kind
-
-
-def sample_anatomy(rng: np.random.Generator, size: int, fractured: Sequence[int]) -> Anatomy:
-    """Draw one neck; ``fractured`` is 7 flags for C1..C7."""
-    g = rng.uniform(0.9, 1.1)
-    skull_bottom = rng.uniform(14.0, 22.0) * g
-    vertebrae = _sample_vertebrae(rng, g, skull_bottom)
-    t2 = vertebrae[8]
-    depth = t2.top + rng.uniform(0.5, 1.15) * (t2.bottom - t2.top)
-    head_a, neck_a, head_b, neck_b = (rng.uniform(66, 74) * g, rng.uniform(52, 62) * g,
-                                      rng.uniform(64, 72) * g, rng.uniform(53, 60) * g)
-    c2, c6 = vertebrae[1], vertebrae[5]
-    knots = np.array([0.0, skull_bottom, (c2.top + c2.bottom) / 2, (c6.top + c6.bottom) / 2, depth])
-    neck = np.array([[head_a, head_a * 0.95, neck_a, neck_a * 1.04, neck_a * rng.uniform(1.2, 1.4)],
-                     [head_b, head_b * 0.95, neck_b, neck_b, neck_b * 1.1],
-                     [-14.0 * g, -12.0 * g, -10.0 * g, -8.0 * g, -4.0 * g]])
-    drift = (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))
-    fov = 2 * (head_a + 6.0 + 0.03 * depth) * rng.uniform(1.02, 1.12)
-    pixel = round(fov / size, 6)
-    width = max(4.0, 2.8 * pixel)  # fracture gaps span ~3 pixels at 128 px, so 64 px crops still show them
-    kinds = {vt.label: _add_fracture(rng, vt, width) for vt in vertebrae[:7] if fractured[vt.label - 1]}
-    blobs = np.column_stack([rng.uniform(-40, 40, 8) * g, rng.uniform(-45, 40, 8) * g,
-                             rng.uniform(2.5, 6.0, 8) * g, rng.uniform(2.5, 6.0, 8) * g,
-                             rng.uniform(0, depth, 8), rng.uniform(20, 60, 8)])
-    blobs[:, 5] += blobs[:, 4]
-    hu = {"fat": rng.uniform(-110, -80), "muscle": rng.uniform(35, 60), "cortex": rng.uniform(750, 1000),
-          "skull": rng.uniform(1100, 1400), "noise": rng.uniform(15, 25), "fat_mm": rng.uniform(4, 9) * g}
-    hu.update({f"canc{vt.label}": rng.uniform(190, 310) for vt in vertebrae})
-    return Anatomy(vertebrae=vertebrae, skull_bottom=skull_bottom, depth=depth, pixel=pixel, fov=pixel * size,
-                   theta=rng.uniform(-0.12, 0.12), centre=(rng.uniform(-10, 10), rng.uniform(-25, 5)),
-                   offset=(rng.uniform(-4, 4), rng.uniform(8, 16)), drift=drift,
-                   curve=(rng.uniform(2.0, 7.0) * g, rng.uniform(-2.0, 2.0)), neck_knots=knots, neck=neck,
-                   fat_blobs=blobs, hu=hu, kinds=kinds)
 
 
 def _body_mask(vt: Vertebra, u, v, d) -> np.ndarray:
@@ -412,6 +242,14 @@ def _coords(an: Anatomy, d: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
     return un, vn, un - an.curve[1] * bend, vn + an.curve[0] * bend  # lordosis: mid-neck forwards
 
 
+def _extras(an: Anatomy, u, v, d, tissue: np.ndarray, ids: np.ndarray) -> None:
+    """Contrast vessels (into ``tissue``) and metal objects (into ``ids``) of one chunk, in place."""
+    for vu, vv, radius, value in an.vessels:
+        tissue[_ellipse(u, v, vu, vv, radius, radius) & (tissue > -200)] = value
+    for mu, mv, md, radius, _ in an.metal:
+        ids[(u - mu) ** 2 + (v - mv) ** 2 + (d - md) ** 2 <= radius ** 2] = METAL_ID
+
+
 def _render_geometry(an: Anatomy, size: int, n_slices: int, dz: float) -> tuple[np.ndarray, ...]:
     """Soft-tissue HU, bone ids, fracture-gap labels and compressed-band flags, each (S, R, C)."""
     shape = (n_slices, size, size)
@@ -419,11 +257,12 @@ def _render_geometry(an: Anatomy, size: int, n_slices: int, dz: float) -> tuple[
     gap, dense = np.zeros(shape, np.uint8), np.zeros(shape, bool)
     for s0 in range(0, n_slices, CHUNK):
         s1 = min(s0 + CHUNK, n_slices)
-        d = ((np.arange(s0, s1) + 0.5) * dz).astype(np.float32)[:, None, None]
+        d = (an.top + (np.arange(s0, s1) + 0.5) * dz).astype(np.float32)[:, None, None]
         un, vn, u, v = _coords(an, d, size)
         tissue[s0:s1] = _soft_tissue(an, un, vn, u, v, d)
         for bone_id, mask in _accessory_bones(an, u, v, d):
             ids[s0:s1][mask] = bone_id
+        _extras(an, u, v, d, tissue[s0:s1], ids[s0:s1])
         for vt in an.vertebrae:
             lo, hi = vt.extent()
             hit = np.nonzero((d.ravel() >= lo) & (d.ravel() <= hi))[0]
@@ -457,6 +296,8 @@ def _intensities(rng: np.random.Generator, an: Anatomy, tissue: np.ndarray, ids:
         cancellous[vt.label], cortical[vt.label] = an.hu[f"canc{vt.label}"], an.hu["cortex"]
     cancellous[[SKULL_ID, MANDIBLE_ID, HYOID_ID]] = 0.45 * an.hu["skull"]
     cortical[[SKULL_ID, MANDIBLE_ID, HYOID_ID]] = an.hu["skull"]
+    if len(an.metal):
+        cancellous[METAL_ID] = cortical[METAL_ID] = an.metal[0, 4]
     hu = tissue
     # trabecular texture: white noise that the blur below turns into a fine grain
     hu[bone] = cancellous[ids[bone]] + rng.normal(0.0, 45.0, int(bone.sum())).astype(np.float32)
@@ -466,7 +307,31 @@ def _intensities(rng: np.random.Generator, an: Anatomy, tissue: np.ndarray, ids:
     hu[gap > 0] = HEMATOMA
     hu = ndimage.gaussian_filter(hu, sigma=0.5)  # partial-volume softening of every edge
     hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(an.hu["noise"])
+    if an.streaks:
+        _add_streaks(rng, an, hu, ids)
+    if an.hu.get("scale", 1.0) != 1.0 or an.hu.get("offset", 0.0) != 0.0:  # another scanner's calibration
+        hu = hu * np.float32(an.hu["scale"]) + np.float32(an.hu["offset"])
     return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
+
+
+def _add_streaks(rng: np.random.Generator, an: Anatomy, hu: np.ndarray, ids: np.ndarray) -> None:
+    """Beam-hardening-like streaks, in place: rays around metal, a dark band between the shoulders."""
+    size = hu.shape[1]
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    shoulders = an.vertebrae[6].top  # below C7 the shoulders harden the beam across the neck
+    for s in range(hu.shape[0]):
+        metal = np.nonzero(ids[s] == METAL_ID)
+        if metal[0].size:
+            cy, cx = metal[0].mean(), metal[1].mean()
+            angle = np.arctan2(yy - cy, xx - cx)
+            radius = np.hypot(yy - cy, xx - cx) * an.pixel
+            rays = np.cos(int(rng.integers(12, 30)) * angle + rng.uniform(0, 2 * np.pi))
+            hu[s] += 2.5 * an.streaks * rays * np.exp(-radius / 40.0)
+        depth = an.top + (s + 0.5) * (an.depth - an.top) / hu.shape[0]
+        if depth > shoulders:
+            centre = size / 2 + an.offset[1] / an.pixel
+            band = np.exp(-0.5 * ((yy - centre) * an.pixel / 6.0) ** 2)
+            hu[s] -= an.streaks * float(rng.uniform(0.5, 1.2)) * band
 
 
 def _fracture_boxes(gap: np.ndarray, pad: int = 2) -> list[tuple[int, int, int, int, int, int]]:
@@ -484,16 +349,24 @@ def _fracture_boxes(gap: np.ndarray, pad: int = 2) -> list[tuple[int, int, int, 
     return boxes
 
 
-def render_phantom(rng: np.random.Generator, size: int, n_slices: int, fractured: Sequence[int]) -> Phantom:
+def render_phantom(rng: np.random.Generator, size: int, n_slices: int | None, fractured: Sequence[int],
+                   variety: Variety = PRESETS["easy"], vrng: np.random.Generator | None = None) -> Phantom:
     """Draw and render one neck CT.
 
-    size: rows = cols of each slice; n_slices: slices from the skull base to ~T2;
-    fractured: 7 flags for C1..C7. Returns a Phantom with (n_slices, size, size) volumes.
+    size: rows = cols of each slice; n_slices: slices over the scanned range (None: from
+    the variety's slice spacing); fractured: 7 flags for C1..C7; variety and vrng: how
+    this study differs (see ``tooling.anatomy.Variety``). Returns a Phantom with
+    (slices, size, size) volumes.
     """
     if len(fractured) != 7:
         raise ValueError(f"fractured needs 7 flags (C1..C7), got {len(fractured)}")
-    an = sample_anatomy(rng, size, fractured)
-    dz = round(an.depth / n_slices, 5)
+    an = sample_anatomy(rng, size, fractured, variety, vrng)
+    extent = an.depth - an.top
+    if n_slices is None:
+        if an.slice_mm is None:
+            raise ValueError("n_slices is needed when the variety does not set slice_mm")
+        n_slices = max(16, int(round(extent / an.slice_mm)))
+    dz = round(extent / n_slices, 5)
     tissue, ids, gap, dense = _render_geometry(an, size, n_slices, dz)
     hu = _intensities(rng, an, tissue, ids, gap, dense, dz)
     labels = np.where(ids <= len(LEVELS), ids, 0).astype(np.uint8)

@@ -6,10 +6,14 @@
     segmentations/<UID>.nii                   (the first --n-seg training studies)
     train.csv  train_bounding_boxes.csv  test.csv  sample_submission.csv
     test_labels.csv                           (hidden labels of the test studies)
-    synth_info.json                           (per-study syntax, slice order, pixel sign)
+    vertebra_slices.csv                       (hidden: every study's true C1..C7 slice ranges)
+    synth_info.json                           (per-study syntax, slice order, pixel sign, spacing)
 
 Each study is a rendered neck phantom (``tooling.phantom``) with fractures drawn
-to match the competition's label prevalence. Studies cycle through transfer
+to match the competition's label prevalence. ``--variety`` picks how much the
+studies differ (``tooling.anatomy.PRESETS``): ``easy`` is the original
+generator; ``varied`` spans fields of view, slice spacings, scan ranges, poses,
+noise, calibration, artefacts and fracture kinds like real neck CTs. Studies cycle through transfer
 syntaxes (uncompressed explicit/implicit VR, JPEG Lossless, JPEG 2000 lossless,
 RLE), slice orders (head-first and feet-first instance numbers) and pixel
 encodings (signed 16-bit, unsigned 12-bit with intercept -1024), so a reader
@@ -39,6 +43,7 @@ from tqdm import tqdm
 from common.constants import OVERALL, PRED_COL, PREDICTION_TYPE_COL, ROW_ID_COL, STUDY_COL, TARGETS, VERTEBRAE
 from common.io import write_bytes_atomic, write_csv_atomic, write_json_atomic
 from tooling.dicom_writer import write_ct_series
+from tooling.anatomy import PRESETS
 from tooling.phantom import Phantom, render_phantom
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,7 @@ VERTEBRA_PREVALENCE = (0.072, 0.141, 0.036, 0.054, 0.080, 0.137, 0.195)
 N_FRACTURED = ((1, 0.65), (2, 0.25), (3, 0.07), (4, 0.02), (5, 0.01))  # vertebrae per positive patient
 BOX_FRACTION = 0.5  # fractured training studies that get bounding boxes
 BOX_COLUMNS = [STUDY_COL, "x", "y", "width", "height", "slice_number"]
+RANGE_COLUMNS = [STUDY_COL, "vertebra", "z0", "z1"]  # vertebra_slices.csv: true head-to-feet slice ranges
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,14 @@ class StudySpec:
     index: int
     seed: int
     size: int
-    n_slices: int
+    n_slices: int | None  # None: the variety's slice spacing decides
     fractured: tuple[int, ...]  # 7 flags, C1..C7
     syntax: str
     feet_first: bool  # InstanceNumber 1 is the lowest slice
     signed: bool  # int16 pixels; else uint16 with 12 bits stored and intercept -1024
     segmented: bool
     boxes: bool
+    variety: str = "easy"  # a name in tooling.anatomy.PRESETS
 
 
 def draw_fractures(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -88,7 +95,7 @@ def draw_fractures(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def plan_dataset(n_train: int, n_seg: int, n_test: int, size: int, seed: int,
-                 n_slices: int | None = None) -> list[StudySpec]:
+                 n_slices: int | None = None, variety: str = "easy") -> list[StudySpec]:
     """The studies of one dataset, training first; study i uses syntax i mod 5,
     feet-first order when i mod 3 == 1 and signed pixels when i is even."""
     if min(n_train, n_seg, n_test) < 0 or n_seg > n_train or n_train + n_test == 0:
@@ -101,10 +108,14 @@ def plan_dataset(n_train: int, n_seg: int, n_test: int, size: int, seed: int,
     numbers = rng.choice(np.arange(1000, 33000), size=total, replace=False)
     fractured = np.concatenate([draw_fractures(rng, n_train), draw_fractures(rng, n_test)])
     lo, hi = round(0.8 * size), round(1.2 * size)
+    if variety not in PRESETS:
+        raise ValueError(f"unknown variety {variety!r}; presets: {', '.join(PRESETS)}")
     slices = rng.integers(lo, hi + 1, size=total) if n_slices is None else np.full(total, n_slices)
+    by_spacing = n_slices is None and PRESETS[variety].slice_mm is not None
     with_boxes = rng.random(total) < BOX_FRACTION
     return [StudySpec(uid=f"{UID_ROOT}{numbers[i]}", split="train" if i < n_train else "test", index=i,
-                      seed=seed, size=size, n_slices=int(slices[i]), fractured=tuple(int(f) for f in fractured[i]),
+                      seed=seed, size=size, n_slices=None if by_spacing else int(slices[i]),
+                      fractured=tuple(int(f) for f in fractured[i]), variety=variety,
                       syntax=str(SYNTAXES[i % len(SYNTAXES)]), feet_first=i % 3 == 1, signed=i % 2 == 0,
                       segmented=i < n_seg, boxes=bool(i < n_train and fractured[i].any() and with_boxes[i]))
             for i in range(total)]
@@ -113,12 +124,12 @@ def plan_dataset(n_train: int, n_seg: int, n_test: int, size: int, seed: int,
 def synth_study(spec: StudySpec) -> Phantom:
     """Render the phantom of one planned study (deterministic: same spec, same volumes)."""
     rng = np.random.default_rng([spec.seed, spec.index])
-    return render_phantom(rng, spec.size, spec.n_slices, spec.fractured)
+    vrng = np.random.default_rng([spec.seed, spec.index, 1])  # the variety's own stream
+    return render_phantom(rng, spec.size, spec.n_slices, spec.fractured, PRESETS[spec.variety], vrng)
 
 
-def instance_numbers(spec: StudySpec) -> np.ndarray:
-    """(S,) InstanceNumber of each slice, head to feet."""
-    n = spec.n_slices
+def instance_numbers(spec: StudySpec, n: int) -> np.ndarray:
+    """(n,) InstanceNumber of each slice, head to feet."""
     return np.arange(n, 0, -1) if spec.feet_first else np.arange(1, n + 1)
 
 
@@ -127,7 +138,7 @@ def write_dicom_series(folder: Path, spec: StudySpec, ph: Phantom) -> np.ndarray
     write_ct_series(folder, ph.hu, spacing=ph.spacing, origin=(ph.origin[0], ph.origin[1], ph.origin[2]),
                     signed=spec.signed, head_first_instances=not spec.feet_first,
                     transfer_syntax=spec.syntax, study_uid=spec.uid, atomic=True)
-    return instance_numbers(spec)
+    return instance_numbers(spec, len(ph.hu))
 
 
 def segmentation_array(labels: np.ndarray) -> np.ndarray:
@@ -159,8 +170,16 @@ def build_study(spec: StudySpec, out: Path) -> dict[str, Any]:
     boxes = [dict(zip(BOX_COLUMNS, (spec.uid, float(x), float(y), float(w), float(h), int(numbers[s]))))
              for s, x, y, w, h, _ in ph.boxes] if spec.boxes else []
     record = {k: v for k, v in asdict(spec).items() if k not in ("seed", "size")}
+    record["n_slices"] = len(ph.hu)
+    ranges = [(spec.uid, name, *_slice_range(ph.labels, c + 1)) for c, name in enumerate(VERTEBRAE)]
     record.update(spacing=list(ph.spacing), kinds={VERTEBRAE[k - 1]: v for k, v in ph.kinds.items()})
-    return {"boxes": boxes, "record": record}
+    return {"boxes": boxes, "record": record, "ranges": ranges}
+
+
+def _slice_range(labels: np.ndarray, label: int) -> tuple[int, int]:
+    """First and last head-to-feet slice holding ``label`` (-1, -1 when absent)."""
+    slices = np.flatnonzero((labels == label).any(axis=(1, 2)))
+    return (int(slices[0]), int(slices[-1])) if slices.size else (-1, -1)
 
 
 def label_table(specs: list[StudySpec]) -> pd.DataFrame:
@@ -206,16 +225,18 @@ def _run_studies(specs: list[StudySpec], out: Path, workers: int) -> list[dict[s
 
 
 def make_dataset(out: str | os.PathLike, n_train: int = 40, n_seg: int = 20, n_test: int = 6, size: int = 128,
-                 seed: int = 0, n_slices: int | None = None, workers: int | None = None) -> dict[str, Any]:
+                 seed: int = 0, n_slices: int | None = None, workers: int | None = None,
+                 variety: str = "easy") -> dict[str, Any]:
     """Write a complete synthetic dataset under ``out`` (see the module docstring).
 
-    n_slices: slices per study (default: drawn per study in 0.8..1.2 x size);
+    n_slices: slices per study (default: from the variety's slice spacing, else drawn per study
+    in 0.8..1.2 x size); variety: a preset of ``tooling.anatomy.PRESETS``;
     workers: processes (default: one per core, at most 8). Returns a summary: the train, test and
     segmented UIDs, counts, seconds taken and one record per study.
     """
     start = time.perf_counter()
     out = Path(out)
-    specs = plan_dataset(n_train, n_seg, n_test, size, seed, n_slices)
+    specs = plan_dataset(n_train, n_seg, n_test, size, seed, n_slices, variety)
     for sub in ("train_images", "test_images", "segmentations"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     _remove_stale(out, specs)
@@ -229,8 +250,10 @@ def make_dataset(out: str | os.PathLike, n_train: int = 40, n_seg: int = 20, n_t
     write_csv_atomic(out / "test.csv", test_csv)
     write_csv_atomic(out / "sample_submission.csv", sample)
     write_csv_atomic(out / "test_labels.csv", label_table(test))
+    ranges = pd.DataFrame([row for r in results for row in r["ranges"]], columns=RANGE_COLUMNS)
+    write_csv_atomic(out / "vertebra_slices.csv", ranges)
     records = [r["record"] for r in results]
-    write_json_atomic(out / "synth_info.json", {"seed": seed, "size": size, "studies": records})
+    write_json_atomic(out / "synth_info.json", {"seed": seed, "size": size, "variety": variety, "studies": records})
     summary = {"out": str(out), "train": [s.uid for s in train], "test": [s.uid for s in test],
                "segmented": [s.uid for s in specs if s.segmented],
                "train_positive": int(sum(max(s.fractured) for s in train)),
@@ -251,12 +274,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--slices", type=int, default=None, help="slices per study (default: 0.8-1.2 x size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per core, at most 8)")
+    parser.add_argument("--variety", choices=sorted(PRESETS), default="easy",
+                        help="how studies differ (tooling.anatomy.PRESETS; 'easy' is the original generator)")
     args = parser.parse_args(argv)
     from common.cli import setup_logging
 
     setup_logging()
     return make_dataset(args.out, args.n_train, args.n_seg, args.n_test, args.size, args.seed,
-                        args.slices, args.workers)
+                        args.slices, args.workers, args.variety)
 
 
 if __name__ == "__main__":

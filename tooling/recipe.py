@@ -1,0 +1,149 @@
+"""The demo recipe end to end on one synthetic dataset, and the figures that judge it.
+
+Shared by ``tooling.demo`` (one dataset, one stage-2 fold, on a laptop CPU) and
+``tooling.recipe_check`` (several independent datasets, every stage-2 fold).
+Each phase resumes: run again and finished phases are skipped.
+
+Figures (:func:`evaluate`), all on data the models were not tuned on:
+
+- stage-1 validation mean Dice (fold 0's held-out segmented studies);
+- box z-IoU: the predicted slice range of every vertebra against the truth, on
+  every study that had no mask (unsegmented training studies and test studies),
+  as the fraction of vertebrae with z-IoU >= 0.7 and the mean;
+- stage 2: the out-of-fold competition score of the trained folds against the
+  best constant fitted on the same labels;
+- the submission's score on the hidden test labels against the constant train prior.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+import make_submission
+from common.config import load_config
+from common.constants import STUDY_COL, TARGETS
+from common.folds import list_segmentation_uids
+from common.metric import constant_score, evaluate_submission, read_labels_csv
+from configs import config_path
+from stage1_seg import predict as stage1_predict
+from stage1_seg import train as stage1_train
+from stage1_seg.boxes import read_boxes, z_iou
+from stage1_seg.config import Stage1Config
+from stage2_cls import crop as stage2_crop
+from stage2_cls import report as stage2_report
+from stage2_cls import train as stage2_train
+from stage2_cls.config import Stage2Config
+from tooling.synth import make_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One synthetic dataset: its size, seed and how much its studies differ."""
+
+    name: str
+    n_train: int = 48
+    n_seg: int = 24
+    n_test: int = 24
+    size: int = 96
+    seed: int = 0
+    n_slices: int | None = None   # None: from the variety's slice spacing
+    variety: str = "varied"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The configs the recipe runs with (the demo configs unless overridden)."""
+
+    stage1: Stage1Config
+    stage2: Stage2Config
+    submission: make_submission.SubmissionConfig
+
+    @classmethod
+    def demo(cls, overrides1: Sequence[str] = (), overrides2: Sequence[str] = ()) -> "Recipe":
+        return cls(load_config(Stage1Config, config_path("demo/stage1.yaml"), ["predict.folds=[0]", *overrides1]),
+                   load_config(Stage2Config, config_path("demo/stage2.yaml"), overrides2),
+                   load_config(make_submission.SubmissionConfig, config_path("demo/submission.yaml")))
+
+
+def run_recipe(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequence[int]) -> dict[str, Any]:
+    """Make the dataset under ``root/data``, run every phase into ``root/work``; return the figures."""
+    data, work = root / "data", root / "work"
+    s1_dir = work / "stage1" / recipe.stage1.run
+    s2_dir = work / "stage2" / recipe.stage2.run
+    phases: list[tuple[str, bool, Callable[[], Any]]] = [
+        ("dataset", (data / "vertebra_slices.csv").is_file(),
+         lambda: make_dataset(data, spec.n_train, spec.n_seg, spec.n_test, spec.size, spec.seed,
+                              spec.n_slices, variety=spec.variety)),
+        ("stage 1 training", (s1_dir / "fold0" / "metrics.json").is_file(),
+         lambda: stage1_train.run(recipe.stage1, data, work, 0, resume=True)),
+        ("stage 1 prediction", False, lambda: stage1_predict.run(recipe.stage1, data, work, ["train", "test"])),
+        ("stage 2 crops", False, lambda: stage2_crop.run(recipe.stage2, data, work, "train")),
+        *[(f"stage 2 training, fold {k}", (s2_dir / f"fold{k}" / "metrics.json").is_file(),
+           lambda k=k: stage2_train.run(recipe.stage2, data, work, k, resume=True)) for k in stage2_folds],
+        ("stage 2 report", False, lambda: stage2_report.run(recipe.stage2, data, work)),
+        ("submission", False, lambda: make_submission.run(recipe.submission, data, work, root / "submission.csv")),
+    ]
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    bar = tqdm(phases, desc=f"{spec.name}: phases", unit="phase", dynamic_ncols=True)
+    for name, done, action in bar:
+        bar.set_postfix_str(name)
+        if done:
+            log.info("== %s: already done, skipped", name)
+            continue
+        log.info("== %s", name)
+        t = time.perf_counter()
+        action()
+        seconds[name] = round(time.perf_counter() - t, 1)
+        log.info("== %s: %.1f s", name, seconds[name])
+    figures = evaluate(root, recipe)
+    figures.update(dataset=asdict(spec), seconds={**seconds, "total": round(time.perf_counter() - started, 1)})
+    (root / "recipe_result.json").write_text(json.dumps(figures, indent=2, default=str))
+    return figures
+
+
+def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
+    """The recipe's figures from what the phases wrote (see the module docstring)."""
+    data, work = root / "data", root / "work"
+    s1 = json.loads((work / "stage1" / recipe.stage1.run / "fold0" / "metrics.json").read_text())
+    report = json.loads((work / "stage2" / recipe.stage2.run / "cv_report.json").read_text())
+    return {"stage1_dice": s1["mean_dice"], "stage1_dice_per_vertebra": {f"C{c}": s1[f"dice_C{c}"] for c in range(1, 8)},
+            **box_figures(data, work / "stage1" / recipe.stage1.run / "boxes.csv"),
+            "stage2_oof_score": report["score"], "stage2_oof_constant": report["constant_score"],
+            "stage2_oof_ratio": report["score"] / report["constant_score"], "stage2_folds": report["folds"],
+            "stage2_auc": {r["label"]: r["auc"] for r in report["per_label"]},
+            "calibration": report["calibration"]["reason"],
+            **submission_figures(data, root / "submission.csv")}
+
+
+def box_figures(data: Path, boxes_csv: Path) -> dict[str, float]:
+    """z-IoU of predicted vertebra slice ranges on every study that had no mask."""
+    truth = pd.read_csv(data / "vertebra_slices.csv", dtype={STUDY_COL: str})
+    boxes = read_boxes(boxes_csv)
+    unseen = set(truth[STUDY_COL]) - set(list_segmentation_uids(data / "segmentations"))
+    merged = truth[truth[STUDY_COL].isin(unseen) & (truth["z0"] >= 0)].merge(
+        boxes, on=[STUDY_COL, "vertebra"], how="left", suffixes=("", "_pred"))
+    ious = np.array([0.0 if not (r.z0_pred >= 0) else z_iou((r.z0_pred, r.z1_pred), (r.z0, r.z1))
+                     for r in merged.itertuples()])
+    return {"box_studies": int(merged[STUDY_COL].nunique()), "box_vertebrae": int(len(ious)),
+            "box_ziou_ge_0_7": float((ious >= 0.7).mean()) if len(ious) else float("nan"),
+            "box_ziou_mean": float(ious.mean()) if len(ious) else float("nan")}
+
+
+def submission_figures(data: Path, submission: Path) -> dict[str, float]:
+    """The submission's score on the hidden test labels, beside the constant train prior's."""
+    labels = read_labels_csv(data / "test_labels.csv")
+    evaluation = evaluate_submission(labels, pd.read_csv(submission, dtype={"row_id": str}))
+    prior = constant_score(labels[list(TARGETS)].to_numpy(np.float64), make_submission.load_prior(data))
+    return {"submission_score": evaluation["score"], "submission_constant": prior,
+            "submission_ratio": evaluation["score"] / prior, "n_test_studies": len(labels)}
