@@ -56,7 +56,7 @@ class Task(Protocol):
     metric: str           # key of compute_metrics() used to pick best.pt
     metric_mode: str      # "max" or "min"
 
-    def build_model(self) -> nn.Module: ...
+    def build_model(self, pretrained_source: bool = True) -> nn.Module: ...  # False: weights come from last.pt
     def datasets(self) -> tuple[Dataset, Dataset]: ...
     def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor: ...
     def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]: ...
@@ -103,12 +103,15 @@ class _Loop:
     """State of one training run; :func:`fit` is the public entry point."""
 
     def __init__(self, task: Task, cfg: TrainConfig, out_dir: Path, fold: int,
-                 full_config: dict[str, Any]) -> None:
+                 full_config: dict[str, Any], resume: bool = False) -> None:
         self.task, self.cfg, self.out_dir, self.fold, self.full_config = task, cfg, out_dir, fold, full_config
         self.dist = D.init_distributed()
         self.device = self.dist.device
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        self.model = task.build_model().to(self.device)
+        # Built first, before any data work, so a missing pretrained source stops the run at once;
+        # a resumed run takes every weight from last.pt and never needs that source.
+        resuming = resume and (out_dir / "last.pt").exists()
+        self.model = task.build_model(pretrained_source=not resuming).to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.train_set, self.val_set = task.datasets()
@@ -272,7 +275,7 @@ def fit(task: Task, cfg: TrainConfig, out_dir: str | Path, *, fold: int,
     """Train ``task`` and return the metrics written to ``out_dir/metrics.json``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loop = _Loop(task, cfg, out_dir, fold, full_config)
+    loop = _Loop(task, cfg, out_dir, fold, full_config, resume)
     try:
         if resume:
             loop.resume()

@@ -19,7 +19,7 @@ from stage1_seg import predict, train
 from stage1_seg.config import Stage1Config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["run=tiny", "n_folds=2", "preprocess.size=32", "model.encoder=efficientnet-b0",
+TINY = ["run=tiny", "n_folds=2", "preprocess.size=32", "model.encoder=efficientnet-b0", "model.pretrained=false",
         "model.decoder_channels=[16,16,8,8,8]", "train.batch_size=2", "train.val_batch_size=2",
         "train.num_workers=0", "train.val_every=1", "augment.elastic_p=0.5", "predict.folds=[0]"]
 
