@@ -73,14 +73,17 @@ def load_checkpoint(path: str | Path, stage: str | None = None,
 def rebuild_model(path: str | Path, stage: str, schema: type, builder) -> tuple[torch.nn.Module, Any]:
     """A trained model rebuilt from its checkpoint's resolved config with the training builder.
 
-    ``schema`` is the stage's config dataclass and ``builder(cfg.model)`` the
-    function training used; returns ``(model in eval mode on CPU, config)``.
+    ``schema`` is the stage's config dataclass and ``builder(cfg.model,
+    pretrained_source=False)`` the function training used: the checkpoint holds
+    every weight, so the pretrained start it was trained from (hub, cache or
+    ``model.weights_file``) is never looked for. Returns ``(model in eval mode on
+    CPU, config)``.
     """
     from common.config import from_dict  # config imports io only; keep this module light
 
     ckpt = load_checkpoint(path, stage=stage)
     cfg = from_dict(schema, ckpt["config"], str(path))
-    model = builder(cfg.model)
+    model = builder(cfg.model, pretrained_source=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

@@ -77,7 +77,7 @@ class Task(Protocol):
     metric: str           # key of compute_metrics() used by select="best"
     metric_mode: str      # "max" or "min"
 
-    def build_model(self) -> nn.Module: ...
+    def build_model(self, pretrained_source: bool = True) -> nn.Module: ...  # False: weights come from last.pt
     def datasets(self) -> tuple[Dataset, Dataset]: ...
     def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor: ...
     def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]: ...
@@ -179,14 +179,17 @@ class _Loop:
     """State of one training run; :func:`fit` is the public entry point."""
 
     def __init__(self, task: Task, cfg: TrainConfig, out_dir: Path, fold: int,
-                 full_config: dict[str, Any]) -> None:
+                 full_config: dict[str, Any], resume: bool = False) -> None:
         if cfg.steps < 1 or cfg.eval_every < 1:
             raise ValueError(f"train.steps and train.eval_every must be positive, got {cfg.steps}, {cfg.eval_every}")
         self.task, self.cfg, self.out_dir, self.fold, self.full_config = task, cfg, out_dir, fold, full_config
         self.dist = D.init_distributed()
         self.device = self.dist.device
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        self.model = task.build_model().to(self.device)
+        # Built first, before any data work, so a missing pretrained source stops the run at once;
+        # a resumed run takes every weight from last.pt and never needs that source.
+        resuming = resume and (out_dir / "last.pt").exists()
+        self.model = task.build_model(pretrained_source=not resuming).to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.train_set, self.val_set = task.datasets()
@@ -363,7 +366,7 @@ def fit(task: Task, cfg: TrainConfig, out_dir: str | Path, *, fold: int,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loop = _Loop(task, cfg, out_dir, fold, full_config)
+    loop = _Loop(task, cfg, out_dir, fold, full_config, resume)
     try:
         if resume:
             loop.resume()  # refuses another config before anything is written

@@ -19,7 +19,8 @@ class ModelConfig:
     encoder: str = "tu-tf_efficientnetv2_s"   # any smp-3d encoder, e.g. efficientnet-b0 .. b7
     in_channels: int = 1                       # 1, or 3 (the window repeated) for 2D-pretrained stems
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
-    weights_file: Optional[str] = None         # local encoder/model weights; never downloaded
+    pretrained: bool = False                   # 2D ImageNet weights (timm hub/cache) inflated to 3D (stage1.yaml: true)
+    weights_file: Optional[str] = None         # local 2D timm state dict to inflate (offline); implies pretrained
 
 
 @dataclass(frozen=True)

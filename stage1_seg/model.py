@@ -1,25 +1,39 @@
-"""The stage-1 network: a 3D U-Net with an EfficientNet encoder (segmentation-models-pytorch-3d)."""
+"""The stage-1 network: a 3D U-Net with an EfficientNet encoder (segmentation-models-pytorch-3d).
+
+A pretrained start inflates 2D ImageNet weights into the 3D encoder: timm
+loads the 2D model (``model.weights_file``, or the hub and its cache; see
+:mod:`common.pretrained`) with its stem adapted to ``in_channels``, and every
+2D kernel ``(O, I, kh, kw)`` becomes the 3D kernel ``(O, I, kd, kh, kw)``
+repeated along depth and divided by ``kd``, so that a volume whose slices are
+all the same gives the 2D network's response on that slice (I3D inflation).
+"""
 from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from common.pretrained import (REQUIRED_TENSOR_FRACTION, PretrainedError, create_pretrained, resolve_source,
+                               wants_pretrained)
 from stage1_seg.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 N_CLASSES = 7
+TIMM_PREFIX = "tu-"  # smp-3d's name for timm-3d encoders, the ones with a 2D timm twin to inflate
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
     """``(B, in_channels, D, H, W)`` -> logits ``(B, 7, D, H, W)``; D, H, W multiples of 32.
 
-    Encoder weights are never downloaded: ``cfg.weights_file`` may name a local
-    state dict, either of the whole model or of its encoder alone.
+    With ``pretrained_source`` (training) and ``cfg.pretrained`` or
+    ``cfg.weights_file`` set, the encoder starts from inflated 2D ImageNet
+    weights, or the build fails saying how to supply them.
+    ``pretrained_source=False`` ignores both settings: rebuilding from a
+    checkpoint (which holds every weight) and random-weight benchmarks use it.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # smp-3d warns about timm internals on import
@@ -33,26 +47,97 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     for name in ("_conv_head", "_bn1"):
         if isinstance(getattr(model.encoder, name, None), nn.Module):
             delattr(model.encoder, name)
-    if cfg.weights_file:
-        load_weights(model, Path(cfg.weights_file))
+    if pretrained_source and wants_pretrained(cfg.pretrained, cfg.weights_file):
+        load_imagenet_encoder(model.encoder, cfg)
     return model
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a local state dict into the whole model, or failing that into its encoder."""
-    if not path.is_file():
-        raise FileNotFoundError(f"model.weights_file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # one of our checkpoints
-    for target, name in ((model, "model"), (model.encoder, "encoder")):
-        try:
-            target.load_state_dict(state, strict=True)
-            log.info("loaded %s weights from %s", name, path)
-            return
-        except RuntimeError:
+def timm_arch(encoder: str) -> str:
+    """The 2D timm model whose weights inflate into ``encoder`` (``tu-<timm name>``)."""
+    if not encoder.startswith(TIMM_PREFIX):
+        raise PretrainedError(
+            f"model.encoder '{encoder}' cannot start from ImageNet weights: only timm-3d encoders "
+            f"('{TIMM_PREFIX}' + a timm model name, e.g. tu-tf_efficientnetv2_s or tu-tf_efficientnetv2_b0) "
+            f"are inflated from 2D timm weights. Use one, or set model.pretrained=false model.weights_file=null")
+    return encoder[len(TIMM_PREFIX):]
+
+
+def check_pretrained(cfg: ModelConfig) -> None:
+    """Fail now, before any data work, when the configured pretrained start has no source."""
+    if wants_pretrained(cfg.pretrained, cfg.weights_file):
+        resolve_source(timm_arch(cfg.encoder), cfg.weights_file)
+
+
+@dataclass
+class Inflation:
+    """What :func:`inflate_state_dict` did, counted over weight tensors (not BatchNorm step counters)."""
+
+    total: int = 0                                          # the 3D encoder's weight tensors
+    loaded: int = 0                                         # of those, taken from the 2D model
+    inflated: int = 0                                       # of those, 2D kernels made 3D
+    initial: list[str] = field(default_factory=list)        # left at their initial values
+    unused: list[str] = field(default_factory=list)         # 2D tensors with no 3D place (the head)
+
+    @property
+    def fraction(self) -> float:
+        return self.loaded / max(self.total, 1)
+
+
+def inflate_kernel(weight: torch.Tensor, depth: int) -> torch.Tensor:
+    """``(O, I, kh, kw)`` -> ``(O, I, depth, kh, kw)``: repeated along depth, divided by depth.
+
+    timm-3d's ``convert_2d_weights_to_3d`` applies the same rule but repeats
+    along the kernel's last axis (W) and picks tensors by name; here depth is
+    the slice axis of our (D, H, W) volumes, so each 2D filter keeps acting on
+    axial slices, and tensors are picked by shape.
+    """
+    return weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
+
+
+def inflate_state_dict(state2d: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+                       ) -> tuple[dict[str, torch.Tensor], Inflation]:
+    """The tensors of ``state2d`` that fit the 3D ``target`` state dict (same keys), kernels inflated."""
+    out: dict[str, torch.Tensor] = {}
+    report = Inflation()
+    for key, want in target.items():
+        counted = not key.endswith("num_batches_tracked")
+        report.total += counted
+        value = state2d.get(key)
+        inflate = value is not None and value.ndim == 4 and want.ndim == 5 \
+            and value.shape[:2] == want.shape[:2] and value.shape[2:] == want.shape[3:]
+        if inflate:
+            value = inflate_kernel(value, want.shape[2])
+        if value is None or value.shape != want.shape:
+            if counted:
+                report.initial.append(key)
             continue
-    missing = model.encoder.load_state_dict(state, strict=False)
-    if len(missing.missing_keys) == len(model.encoder.state_dict()):
-        raise ValueError(f"{path}: none of its tensors fit the {type(model.encoder).__name__} encoder")
-    log.warning("loaded encoder weights from %s partially (%d keys missing)", path, len(missing.missing_keys))
+        out[key] = value.to(want.dtype)
+        report.loaded += counted
+        report.inflated += counted and inflate
+    report.unused = [k for k in state2d if k not in target and not k.endswith("num_batches_tracked")]
+    return out, report
+
+
+def load_imagenet_encoder(encoder: nn.Module, cfg: ModelConfig) -> Inflation:
+    """Inflate the 2D ImageNet weights of the encoder's timm twin into it; log the counts.
+
+    Raises :class:`PretrainedError` when fewer than 95% of the encoder's weight
+    tensors could be loaded: a start that is mostly random is not the start asked for.
+    """
+    source = resolve_source(timm_arch(cfg.encoder), cfg.weights_file)
+    model2d = create_pretrained(source, in_chans=cfg.in_channels)  # timm adapts the stem to in_channels
+    net3d = encoder.model  # smp-3d's TimmUniversalEncoder wraps the timm-3d features model
+    state, report = inflate_state_dict(model2d.state_dict(), net3d.state_dict())
+    net3d.load_state_dict(state, strict=False)
+    stem = f", stem adapted from 3 to {cfg.in_channels} channels by timm" if cfg.in_channels != 3 else ""
+    log.info("stage-1 encoder %s: %d of %d weight tensors loaded from the %s (%d 2D kernels inflated to 3D "
+             "along depth%s); %d left at initial values%s; %d tensors of the 2D model unused%s",
+             cfg.encoder, report.loaded, report.total, source, report.inflated, stem, len(report.initial),
+             f" e.g. {report.initial[:3]}" if report.initial else "", len(report.unused),
+             f" ({', '.join(report.unused[:4])}{', ...' if len(report.unused) > 4 else ''})" if report.unused else "")
+    if report.fraction < REQUIRED_TENSOR_FRACTION:
+        raise PretrainedError(
+            f"{source}: only {report.loaded} of the {report.total} weight tensors of the {cfg.encoder} encoder "
+            f"could be inflated from it ({report.fraction:.0%}; at least {REQUIRED_TENSOR_FRACTION:.0%} needed); "
+            f"left at initial values e.g. {report.initial[:5]}")
+    return report

@@ -28,7 +28,7 @@ from common.trainer import fit
 from stage1_seg.augment import mixup
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import SegDataset, prepare_cache
-from stage1_seg.model import build_model
+from stage1_seg.model import build_model, check_pretrained
 
 log = logging.getLogger(__name__)
 _DICE = DiceLoss(mode="multilabel", from_logits=True, smooth=1.0)
@@ -97,8 +97,8 @@ class SegTask:
         self.cfg, self.data_dir, self.work_dir = cfg, data_dir, work_dir
         self.train_uids, self.val_uids = list(train_uids), list(val_uids)
 
-    def build_model(self) -> nn.Module:
-        return build_model(self.cfg.model)
+    def build_model(self, pretrained_source: bool = True) -> nn.Module:
+        return build_model(self.cfg.model, pretrained_source=pretrained_source)
 
     def datasets(self):
         info = D.init_distributed()
@@ -134,8 +134,10 @@ def run(cfg: Stage1Config, data_dir: Path, work_dir: Path, fold: int, resume: bo
     """Train one fold; returns the metrics written to ``work/stage1/<run>/fold<k>/metrics.json``."""
     if cfg.preprocess.size % 32:
         raise ValueError(f"preprocess.size must be a multiple of 32, got {cfg.preprocess.size}")
-    train_uids, val_uids = fold_split(data_dir, work_dir, fold, "seg_fold")
     out_dir = Path(work_dir) / "stage1" / cfg.run / f"fold{fold}"
+    if not (resume and (out_dir / "last.pt").exists()):  # a resumed run takes every weight from last.pt
+        check_pretrained(cfg.model)  # no ImageNet source: stop now, before folds and the cache
+    train_uids, val_uids = fold_split(data_dir, work_dir, fold, "seg_fold")
     log.info("stage 1 fold %d: %d training and %d validation studies", fold, len(train_uids), len(val_uids))
     task = SegTask(cfg, Path(data_dir), Path(work_dir), train_uids, val_uids)
     return fit(task, cfg.train, out_dir, fold=fold, full_config=to_dict(cfg), resume=resume)

@@ -24,7 +24,8 @@ class CropConfig:
 class ModelConfig:
     backbone: str = "convnext_nano"    # any timm model; in_chans 6
     in_chans: int = 6
-    weights_file: Optional[str] = None # local backbone weights; never downloaded
+    pretrained: bool = False           # ImageNet start via timm (hub/cache); configs/stage2.yaml sets true
+    weights_file: Optional[str] = None # local timm state dict for the ImageNet start (offline); implies pretrained
     lstm_hidden: int = 256
     lstm_layers: int = 2
     dropout: float = 0.2

@@ -20,33 +20,29 @@ choice) or the sigmoid of the attention-weighted logit (``pooling: attention``).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.pretrained import create_pretrained, resolve_source, wants_pretrained
 from stage2_cls.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-
-class WeightsFileError(FileNotFoundError):
-    """A local backbone weights file that is missing or does not fit the backbone."""
 
 
 class SliceSequenceClassifier(nn.Module):
     """CNN per slice -> BiLSTM over slices -> per-slice logits.
 
     Input ``(B, S, C, H, W)`` float in [0, 1]; output dict described in the module docstring.
+    ``backbone`` is a timm model without classifier (``num_features`` outputs).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module) -> None:
         super().__init__()
         self.pooling = cfg.pooling
-        self.backbone = timm.create_model(cfg.backbone, pretrained=False, in_chans=cfg.in_chans,
-                                          num_classes=0, drop_path_rate=cfg.drop_path)
+        self.backbone = backbone
         features = self.backbone.num_features
         self.lstm = nn.LSTM(features, cfg.lstm_hidden, num_layers=cfg.lstm_layers,
                             dropout=cfg.dropout if cfg.lstm_layers > 1 else 0.0,
@@ -107,61 +103,41 @@ def weighted_loss(output: dict[str, torch.Tensor], label: torch.Tensor, weight: 
     return (weight * sample_losses(output, label)).sum() / weight.sum().clamp_min(1e-12)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The one builder used by training, inference and the benchmark.
+def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
+    """The one builder used by training, inference and the benchmarks.
 
-    Loads ``cfg.weights_file`` (a local backbone state dict) when set; nothing is
-    ever downloaded.
+    With ``pretrained_source`` (training) and ``cfg.pretrained`` or
+    ``cfg.weights_file`` set, the backbone starts from ImageNet weights loaded by
+    timm (see :mod:`common.pretrained`), or the build fails saying how to supply
+    them. ``pretrained_source=False`` ignores both settings: rebuilding from a
+    checkpoint (which holds every weight) and random-weight benchmarks use it.
     """
     if cfg.in_chans < 1:
         raise ValueError(f"model.in_chans must be positive, got {cfg.in_chans}")
-    model = SliceSequenceClassifier(cfg)
-    if cfg.weights_file:
-        load_backbone_weights(model.backbone, cfg.weights_file)
-    return model
+    if pretrained_source and wants_pretrained(cfg.pretrained, cfg.weights_file):
+        backbone = pretrained_backbone(cfg)
+    else:
+        backbone = timm.create_model(cfg.backbone, pretrained=False, in_chans=cfg.in_chans,
+                                     num_classes=0, drop_path_rate=cfg.drop_path)
+    return SliceSequenceClassifier(cfg, backbone)
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a local timm state dict into ``backbone``, adapting a 3-channel stem.
+def check_pretrained(cfg: ModelConfig) -> None:
+    """Fail now, before any data work, when the configured pretrained start has no source."""
+    if wants_pretrained(cfg.pretrained, cfg.weights_file):
+        resolve_source(cfg.backbone, cfg.weights_file)
 
-    Classifier-head keys are ignored (the backbone has no head). A stem kernel
-    with 3 input channels is turned into ``in_chans`` channels by averaging RGB
-    and spreading it evenly, so a grey input gives the same response as before.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsFileError(f"model.weights_file not found: {path} (weights are never downloaded; "
-                               "put a timm state dict there or set model.weights_file=null)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a bad file
-        raise WeightsFileError(f"{path}: cannot be read as a torch state dict ({exc})") from exc
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise WeightsFileError(f"{path}: expected a state dict, got {type(state).__name__}")
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    own = backbone.state_dict()
-    adapted = {}
-    for key, value in state.items():
-        if key not in own:
-            continue
-        target = own[key]
-        if value.ndim == 4 and target.ndim == 4 and value.shape[1] == 3 and target.shape[1] != 3 \
-                and value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]:
-            value = value.float().mean(dim=1, keepdim=True).repeat(1, target.shape[1], 1, 1)
-            value = value * (3.0 / target.shape[1])
-        if value.shape != target.shape:
-            raise WeightsFileError(f"{path}: {key} has shape {tuple(value.shape)}, the backbone "
-                                   f"expects {tuple(target.shape)} (wrong backbone for this file?)")
-        adapted[key] = value.to(target.dtype)
-    if not adapted:
-        raise WeightsFileError(f"{path}: no key matches the backbone {type(backbone).__name__}")
-    missing = sorted(set(own) - set(adapted))
-    backbone.load_state_dict(adapted, strict=False)
-    log.info("loaded %d backbone tensors from %s (%d left at their initial values%s)", len(adapted),
-             path, len(missing), f", e.g. {missing[:3]}" if missing else "")
+
+def pretrained_backbone(cfg: ModelConfig) -> nn.Module:
+    """The timm backbone with its ImageNet weights, the stem adapted to ``in_chans`` by timm."""
+    source = resolve_source(cfg.backbone, cfg.weights_file)
+    backbone = create_pretrained(source, in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path)
+    # timm loaded every tensor strictly, head included; the slice features need no head.
+    backbone.reset_classifier(0)
+    log.info("stage-2 backbone %s: all %d tensors loaded from the %s (stem adapted from 3 to %d "
+             "channels by timm), ImageNet classifier dropped", cfg.backbone,
+             len(backbone.state_dict()), source, cfg.in_chans)
+    return backbone
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -39,7 +39,7 @@ from stage2_cls.augment import StackAugmenter, mixup
 from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import CropStore, VertebraDataset, available_crops, fill_missing, prepare_images
 from stage2_cls.infer import study_probabilities
-from stage2_cls.model import build_model, vertebra_probability, weighted_loss
+from stage2_cls.model import build_model, check_pretrained, vertebra_probability, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class ClassifierTask:
         self.prior = best_constant(self.train_labels)[: len(VERTEBRAE)]
         self.decoded_dir = decoded_dir
 
-    def build_model(self) -> nn.Module:
-        return build_model(self.cfg.model)
+    def build_model(self, pretrained_source: bool = True) -> nn.Module:
+        return build_model(self.cfg.model, pretrained_source=pretrained_source)
 
     def _store(self, uids: list[str]) -> CropStore:
         store = CropStore(self.crops_dir, uids, self.cfg.lru_studies, self.decoded_dir)
@@ -153,9 +153,11 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, fold: int
         resume: bool = False) -> dict[str, Any]:
     """Train one fold; returns the metrics written to ``work/stage2/<run>/fold<k>/metrics.json``."""
     data_dir, work_dir = Path(data_dir), Path(work_dir)
-    train_uids, val_uids, labels = fold_studies(data_dir, work_dir, fold)
     run_dir = work_dir / "stage2" / cfg.run
     out_dir = run_dir / f"fold{fold}"
+    if not (resume and (out_dir / "last.pt").exists()):  # a resumed run takes every weight from last.pt
+        check_pretrained(cfg.model)  # no ImageNet source: stop now, before folds and crops
+    train_uids, val_uids, labels = fold_studies(data_dir, work_dir, fold)
     log.info("stage 2 fold %d: %d training and %d validation studies", fold, len(train_uids), len(val_uids))
     decoded = work_dir / "stage2" / "decoded" if cfg.decoded_cache else None
     task = ClassifierTask(cfg, work_dir / "crops", run_dir, fold, train_uids, val_uids, labels, decoded)

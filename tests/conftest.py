@@ -8,6 +8,14 @@ import pytest
 TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
+# --- Network: no test downloads weights ------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch):
+    """Every test, and every process it starts, sees the Hugging Face hub as offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 # --- Real CT series (DICOM reader and NIfTI reader tests) -----------------------------
 
 REAL_CT = TEST_DATA / "totalsegmentator_example_ct"

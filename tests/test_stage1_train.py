@@ -20,7 +20,7 @@ from configs import config_path
 from stage1_seg.config import Stage1Config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["run=tiny", "preprocess.size=32", "model.encoder=efficientnet-b0",
+TINY = ["run=tiny", "preprocess.size=32", "model.encoder=efficientnet-b0", "model.pretrained=false",
         "model.decoder_channels=[16,16,8,8,8]", "train.batch_size=2", "train.val_batch_size=2",
         "train.num_workers=0", "train.eval_every=2", "train.warmup_steps=1", "augment.elastic_p=0.5",
         "predict.folds=[0]"]

@@ -1,4 +1,4 @@
-"""Stage-2 model shapes, pooling, local weights, and augmentation consistency."""
+"""Stage-2 model shapes, pooling, local ImageNet weights through timm, and augmentation consistency."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,10 @@ import torch
 
 from stage2_cls.augment import StackAugmenter, mixup
 from stage2_cls.config import AugmentConfig, ModelConfig
-from stage2_cls.model import WeightsFileError, build_model, vertebra_logit, vertebra_probability
+from timm.models import adapt_input_conv
+
+from common.pretrained import PretrainedError, PretrainedFileNotFound
+from stage2_cls.model import build_model, vertebra_logit, vertebra_probability
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -42,21 +45,31 @@ def test_rejects_wrong_input_rank():
 
 
 def test_local_weights_adapt_a_three_channel_stem(tmp_path):
-    rgb = timm.create_model("convnext_atto", pretrained=False, in_chans=3, num_classes=10)
+    torch.manual_seed(0)
+    rgb = timm.create_model("convnext_atto", pretrained=False)  # an ImageNet-shaped file: 3 channels, 1000 classes
     path = tmp_path / "atto_rgb.pth"
     torch.save(rgb.state_dict(), path)
     model = build_model(small_cfg(weights_file=str(path)))
     stem = model.backbone.state_dict()["stem.0.weight"]
     assert stem.shape[1] == 6
-    expected = rgb.state_dict()["stem.0.weight"].mean(1, keepdim=True) * 0.5
-    assert torch.allclose(stem, expected.expand_as(stem))
+    assert torch.equal(stem, adapt_input_conv(6, rgb.state_dict()["stem.0.weight"]))  # timm's own adaptation
     key = "stages.1.blocks.0.conv_dw.weight"
     assert torch.equal(model.backbone.state_dict()[key], rgb.state_dict()[key])
-    with pytest.raises(WeightsFileError, match="not found"):
+    # the ImageNet head is dropped: the same tensors as a backbone built without pretrained weights
+    assert model.backbone.state_dict().keys() == build_model(small_cfg()).backbone.state_dict().keys()
+    with pytest.raises(PretrainedFileNotFound, match="absent.pth"):
         build_model(small_cfg(weights_file=str(tmp_path / "absent.pth")))
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(WeightsFileError, match="no key matches"):
+    with pytest.raises(PretrainedError, match="other.pth.*another architecture"):
         build_model(small_cfg(weights_file=str(tmp_path / "other.pth")))
+
+
+def test_rebuilding_ignores_the_pretrained_source(tmp_path):
+    cfg = small_cfg(pretrained=True, weights_file=str(tmp_path / "gone.pth"))
+    with pytest.raises(PretrainedFileNotFound):
+        build_model(cfg)
+    model = build_model(cfg, pretrained_source=False)  # as rebuild_model does: the checkpoint has the weights
+    assert model(torch.rand(1, 3, 6, 32, 32))["slice_logits"].shape == (1, 3)
 
 
 def test_geometric_augmentation_is_identical_across_channels_and_slices():

@@ -11,8 +11,10 @@ from stage2_cls.config import Stage2Config
 
 STAGE1_OVERRIDES = ["run=tiny", "preprocess.size=32", "model.encoder=efficientnet-b0",
                     "model.decoder_channels=[16,16,8,8,8]", "predict.threshold=0.5"]
+# pretrained=true as in the real configs: rebuilding these checkpoints (make_submission, the
+# offline notebook) must never look for ImageNet weights.
 STAGE2_OVERRIDES = ["run=tiny", "crop.size=32", "crop.n_slices=5", "model.backbone=convnext_atto",
-                    "model.lstm_hidden=16", "model.lstm_layers=1"]
+                    "model.pretrained=true", "model.lstm_hidden=16", "model.lstm_layers=1"]
 
 
 def write_tiny_models(models_dir: Path, n_folds: int = 1) -> dict[str, str]:

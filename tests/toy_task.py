@@ -32,7 +32,7 @@ class ToyTask:
         self.n_train, self.n_val = n_train, n_val
         self.best_calls = 0
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, pretrained_source: bool = True) -> nn.Module:
         return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
 
     def datasets(self):

@@ -30,13 +30,19 @@ KAGGLE_SECONDS_PER_STUDY = 9 * 3600 / 1500
 
 
 def write_models(models: Path, folds: int, cfg1: Stage1Config, cfg2: Stage2Config) -> None:
-    """Random-weight fold checkpoints under ``models/stage{1,2}/<run>/fold<k>/best.pt``."""
+    """Random-weight fold checkpoints under ``models/stage{1,2}/<run>/fold<k>/best.pt``.
+
+    Random weights on purpose: the configs' ImageNet start (``model.pretrained``)
+    is not looked for, so this runs offline; the configs are saved as given.
+    """
     for fold in range(folds):
         torch.manual_seed(fold)
+        seg = build_seg(cfg1.model, pretrained_source=False)
         save_checkpoint(models / "stage1" / cfg1.run / f"fold{fold}" / "best.pt", stage="stage1",
-                        model_state=build_seg(cfg1.model).state_dict(), config=to_dict(cfg1), fold=fold, epoch=0)
+                        model_state=seg.state_dict(), config=to_dict(cfg1), fold=fold, epoch=0)
+        cls = build_cls(cfg2.model, pretrained_source=False)
         save_checkpoint(models / "stage2" / cfg2.run / f"fold{fold}" / "best.pt", stage="stage2",
-                        model_state=build_cls(cfg2.model).state_dict(), config=to_dict(cfg2), fold=fold, epoch=0)
+                        model_state=cls.state_dict(), config=to_dict(cfg2), fold=fold, epoch=0)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -2,8 +2,9 @@
 
     python -m tooling.bench.stage1 [--config configs/stage1.yaml] [--steps 10] [--batch-size 4] [key=value ...]
 
-Random weights and inputs at the configured cube size (128^3 by default); the
-prediction figure includes the shared preprocessing of a 300 x 512 x 512 study.
+Random weights (the config's ImageNet start is not looked for) and inputs at
+the configured cube size (128^3 by default); the prediction figure includes the
+shared preprocessing of a 300 x 512 x 512 study.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _sync(device: torch.device) -> None:
 
 def train_rate(cfg: Stage1Config, device: torch.device, amp: bool, batch: int, steps: int) -> float:
     """Training samples/s of the trainer's own step (forward, loss, backward, clipping, AdamW)."""
-    model = build_model(cfg.model).to(device).train()
+    model = build_model(cfg.model, pretrained_source=False).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = make_scaler(device, amp)
     size = cfg.preprocess.size
@@ -52,7 +53,7 @@ def train_rate(cfg: Stage1Config, device: torch.device, amp: bool, batch: int, s
 def predict_rate(cfg: Stage1Config, device: torch.device, amp: bool, studies: int,
                  shape: tuple[int, int, int]) -> tuple[float, float]:
     """(studies/s including preprocessing, studies/s of the network alone)."""
-    model = build_model(cfg.model).to(device).eval()
+    model = build_model(cfg.model, pretrained_source=False).to(device).eval()
     hu = np.random.default_rng(0).integers(-1000, 1500, size=shape, dtype=np.int16)
     cube = torch.from_numpy(preprocess_hu(hu, cfg.preprocess)).to(device)[None, None]
     with autocast_context(device, amp):

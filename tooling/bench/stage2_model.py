@@ -7,7 +7,8 @@ One sample is one vertebra stack (n_slices x 6 x size x size, from the config's
 inference = forward + vertebra probability under ``torch.no_grad``. Each
 configuration is timed beside a baseline in the same run: on CUDA fp32 versus
 autocast (bf16 where supported), on CPU the default memory layout versus
-channels_last. Random inputs; nothing is read from disk.
+channels_last. Random inputs and weights (the config's ImageNet start is not
+looked for); nothing is read from disk.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def time_model(cfg: Stage2Config, device: torch.device, batch: int, iters: int, 
                amp: bool, channels_last: bool) -> dict[str, float]:
     """Samples/s for training steps and inference batches of random stacks."""
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, pretrained_source=False).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     shape = (batch, cfg.crop.n_slices, cfg.model.in_chans, cfg.crop.size, cfg.crop.size)
