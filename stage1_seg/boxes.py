@@ -16,22 +16,28 @@ import pandas as pd
 from scipy import ndimage
 
 from common.constants import STUDY_COL, VERTEBRAE
+from common.volume import full_region
 
 BOX_COLUMNS = [STUDY_COL, "vertebra", "z0", "z1", "y0", "y1", "x0", "x1", "voxels", "status"]
 STATUSES = ("found", "weak", "missing")
 
 
-def _box_of(mask: np.ndarray, shape: tuple[int, int, int]) -> tuple[int, ...]:
-    """Bounds of a low-resolution boolean mask ``(d, h, w)`` mapped to ``shape`` (S, H, W)."""
+def _box_of(mask: np.ndarray, shape: tuple[int, int, int], region: np.ndarray) -> tuple[int, ...] | None:
+    """Bounds of a low-resolution boolean mask ``(d, h, w)`` covering ``region`` in a study of ``shape``.
+
+    None when the mask lies wholly outside the study (in the padding of its region).
+    """
     bounds = []
     for axis, full in enumerate(shape):
         other = tuple(a for a in range(3) if a != axis)
         hits = np.flatnonzero(mask.any(axis=other))
-        low = mask.shape[axis]
-        scale = full / low
-        start = int(np.floor(hits[0] * scale))
-        stop = int(np.ceil((hits[-1] + 1) * scale))
-        bounds.append((max(0, start), min(full, stop)))
+        origin, scale = region[2 * axis], (region[2 * axis + 1] - region[2 * axis]) / mask.shape[axis]
+        start = int(np.floor(origin + hits[0] * scale))
+        stop = int(np.ceil(origin + (hits[-1] + 1) * scale))
+        start, stop = max(0, start), min(full, stop)
+        if start >= stop:
+            return None
+        bounds.append((start, stop))
     (z0, z1), (y0, y1), (x0, x1) = bounds
     return z0, z1 - 1, y0, y1, x0, x1
 
@@ -46,24 +52,28 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def vertebra_boxes(probs: np.ndarray, shape: tuple[int, int, int], uid: str,
-                   threshold: float = 0.2, fallback: float = 0.05, min_voxels: int = 8) -> pd.DataFrame:
+                   threshold: float = 0.2, fallback: float = 0.05, min_voxels: int = 8,
+                   region: np.ndarray | None = None) -> pd.DataFrame:
     """Seven box rows for one study.
 
     probs: ``(7, d, h, w)`` probabilities in [0, 1] (float) or 0..255 (uint8) covering
-    the whole study, which has ``shape`` (S, H, W) at its original resolution.
+    ``region`` (see ``common.volume``; default: the whole study) of a study of ``shape``
+    (S, H, W) at its original resolution.
     """
     if probs.ndim != 4 or probs.shape[0] != len(VERTEBRAE):
         raise ValueError(f"{uid}: expected probabilities of shape (7, d, h, w), got {probs.shape}")
     if probs.dtype == np.uint8:
         probs = probs.astype(np.float32) / 255.0
+    region = full_region(shape) if region is None else np.asarray(region, dtype=np.int64)
     rows = []
     for c, name in enumerate(VERTEBRAE):
         row = {STUDY_COL: uid, "vertebra": name}
         for status, level in (("found", threshold), ("weak", fallback)):
             mask = largest_component(probs[c] >= level)
             voxels = int(mask.sum())
-            if voxels >= min_voxels:
-                z0, z1, y0, y1, x0, x1 = _box_of(mask, shape)
+            box = _box_of(mask, shape, region) if voxels >= min_voxels else None
+            if box is not None:
+                z0, z1, y0, y1, x0, x1 = box
                 row.update(z0=z0, z1=z1, y0=y0, y1=y1, x0=x0, x1=x1, voxels=voxels, status=status)
                 break
         else:

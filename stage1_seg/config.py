@@ -12,6 +12,10 @@ class PreprocessConfig:
     size: int = 128                    # cube edge the study is resampled to (multiple of 32)
     window_center: float = 400.0       # HU window mapped to [0, 1]
     window_width: float = 1800.0
+    # In-plane square (mm) around the neck that the cube covers, all slices; 0: the whole image.
+    # The cervical spine is at most ~90 mm wide, so 180 mm keeps it whole wherever it sits in the
+    # neck, while a wide field of view no longer shrinks it to a few voxels of the cube.
+    crop_mm: float = 180.0
 
 
 @dataclass(frozen=True)

@@ -21,17 +21,30 @@ from common.config import to_dict
 from common.dicom import load_study
 from common.io import save_npz_atomic
 from common.nifti import load_rsna_mask
-from common.volume import resample, resample_labels, window
+from common.volume import body_square, crop_region, full_region, resample, resample_labels, window
 from stage1_seg.augment import augment_pair
 from stage1_seg.config import AugmentConfig, PreprocessConfig
 
 log = logging.getLogger(__name__)
+AIR_HU = -1024  # what the cube is padded with where its region leaves the image
 
 
-def preprocess_hu(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """HU volume ``(S, H, W)`` -> windowed float32 cube ``(size, size, size)`` in [0, 1]."""
-    volume = resample(torch.from_numpy(np.ascontiguousarray(hu)).unsqueeze(0), (cfg.size,) * 3)[0]
-    return window(volume, cfg.window_center, cfg.window_width).numpy()
+def cube_region(hu: np.ndarray, spacing: Sequence[float], cfg: PreprocessConfig) -> np.ndarray:
+    """The region of the study (see ``common.volume``) that the cube covers."""
+    if cfg.crop_mm > 0:
+        return body_square(hu, spacing, cfg.crop_mm)
+    return full_region(hu.shape)
+
+
+def preprocess_hu(hu: np.ndarray, spacing: Sequence[float], cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """HU volume ``(S, H, W)`` -> (windowed float32 cube ``(size,) * 3`` in [0, 1], its region (6,)).
+
+    The one preprocessing of training, validation, prediction and submission.
+    """
+    region = cube_region(hu, spacing, cfg)
+    part = crop_region(hu, region, AIR_HU)
+    volume = resample(torch.from_numpy(np.ascontiguousarray(part)).unsqueeze(0), (cfg.size,) * 3)[0]
+    return window(volume, cfg.window_center, cfg.window_width).numpy(), region
 
 
 def cache_dir(work_dir: str | Path, cfg: PreprocessConfig) -> Path:
@@ -47,9 +60,10 @@ def build_cache_entry(uid: str, data_dir: Path, out_dir: Path, cfg: PreprocessCo
         return path
     study = load_study(data_dir / "train_images" / uid)
     labels = load_rsna_mask(_mask_path(data_dir, uid), study)
-    image = preprocess_hu(study.hu, cfg)
-    target = resample_labels(labels, (cfg.size,) * 3)
-    save_npz_atomic(path, image=image.astype(np.float16), target=np.round(target * 255).astype(np.uint8))
+    image, region = preprocess_hu(study.hu, study.spacing, cfg)
+    target = resample_labels(crop_region(labels, region, 0), (cfg.size,) * 3)
+    save_npz_atomic(path, image=image.astype(np.float16), target=np.round(target * 255).astype(np.uint8),
+                    region=region)
     return path
 
 

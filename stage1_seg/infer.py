@@ -64,7 +64,9 @@ class Stage1Ensemble:
                 count += 1
         return (total / count).cpu().numpy()
 
-    def predict_hu(self, hu: np.ndarray, n_models: int | None = None) -> np.ndarray:
-        """HU volume ``(S, H, W)`` -> probabilities ``(7, d, h, w)`` as uint8 (x255)."""
-        probs = self.predict_cube(preprocess_hu(hu, self.preprocess), n_models)
-        return np.round(probs * 255).astype(np.uint8)
+    def predict_hu(self, hu: np.ndarray, spacing: Sequence[float],
+                   n_models: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """HU volume ``(S, H, W)`` with ``spacing`` (z, y, x) mm -> (probabilities ``(7, d, h, w)`` as
+        uint8 (x255), the region (6,) of the study they cover; see ``common.volume``)."""
+        cube, region = preprocess_hu(hu, spacing, self.preprocess)
+        return np.round(self.predict_cube(cube, n_models) * 255).astype(np.uint8), region

@@ -3,7 +3,8 @@
     python -m stage1_seg.predict [--split train test] [--data-dir D] [--work-dir W] [key=value ...]
 
 Writes ``work/stage1/<run>/masks/<uid>.npz`` (``probs`` uint8 (7, d, h, w),
-``shape`` (S, H, W), ``boxes`` and ``status``) study by study, skipping studies
+``shape`` (S, H, W), ``region`` (6,): the part of the study the probabilities cover,
+``boxes`` and ``status``) study by study, skipping studies
 already done, then gathers ``work/stage1/<run>/boxes.csv``.
 """
 from __future__ import annotations
@@ -45,10 +46,11 @@ def predict_study(ensemble: Stage1Ensemble, folder: Path, cfg: Stage1Config,
     with the true one (``ziou`` (7,), NaN where the vertebra is absent from the truth).
     """
     study = load_study(folder, tolerant=True)
-    probs = ensemble.predict_hu(study.hu)
+    probs, region = ensemble.predict_hu(study.hu, study.spacing)
     p = cfg.predict
-    boxes = vertebra_boxes(probs, study.hu.shape, study.uid, p.threshold, p.fallback_threshold, p.min_voxels)
-    out = {"probs": probs, "shape": np.asarray(study.hu.shape, dtype=np.int64),
+    boxes = vertebra_boxes(probs, study.hu.shape, study.uid, p.threshold, p.fallback_threshold, p.min_voxels,
+                           region)
+    out = {"probs": probs, "shape": np.asarray(study.hu.shape, dtype=np.int64), "region": region,
            "boxes": boxes[_COORDS].to_numpy(np.int64),
            "status": boxes["status"].map(STATUSES.index).to_numpy(np.int64)}
     if mask_path is not None:

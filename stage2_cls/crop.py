@@ -136,11 +136,12 @@ def crop_study(job: CropJob) -> tuple[str, str, str]:
     try:
         with np.load(job.mask_path) as npz:
             probs, shape = npz["probs"], tuple(int(v) for v in npz["shape"])
+            region = npz["region"] if "region" in npz else None
         study = load_study(job.study_dir, tolerant=True, uid=job.uid)
         if study.hu.shape != shape:
             raise ValueError(f"{job.study_dir}: volume shape {study.hu.shape} differs from the "
                              f"stage-1 mask {job.mask_path} (shape {shape})")
-        result = build_stacks(study.hu, probs, job.boxes, job.cfg)
+        result = build_stacks(study.hu, probs, job.boxes, job.cfg, region)
         save_crop(job.out_path, result)
         return job.uid, "written", f"{int(result.missing.sum())} vertebrae missing"
     except Exception as exc:  # one bad study must not stop the others: report and go on

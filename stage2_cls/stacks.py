@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from common.constants import VERTEBRAE
+from common.volume import full_region
 from stage2_cls.config import CropConfig
 
 AIR_HU = -1024  # what the crop is padded with where it leaves the image
@@ -138,27 +139,27 @@ def _minmax_uint8(ct: np.ndarray) -> np.ndarray:
     return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
 
 
-def mask_crops(prob: np.ndarray, full_shape: tuple[int, int, int], zs: np.ndarray,
+def mask_crops(prob: np.ndarray, region: np.ndarray, zs: np.ndarray,
                top: int, left: int, side: int, size: int) -> np.ndarray:
     """One vertebra's probabilities at slices ``zs``, over the crop window, as uint8.
 
     prob: (d, h, w) low-resolution probabilities (uint8 0..255 or float 0..1) covering
-    the study of shape ``full_shape`` (S, H, W); voxel i of an axis of n covers original
-    coordinates [i*N/n, (i+1)*N/n). Only the one or two low-resolution slices around
-    each z are touched, then sampled straight onto the (size, size) output grid.
-    Returns (len(zs), size, size) uint8.
+    ``region`` ``[z0, z1, y0, y1, x0, x1]`` of the study (see ``common.volume``): voxel i of
+    an axis of n covers original coordinates [r0 + i (r1 - r0) / n, r0 + (i + 1) (r1 - r0) / n).
+    Only the one or two low-resolution slices around each z are touched, then sampled
+    straight onto the (size, size) output grid. Returns (len(zs), size, size) uint8.
     """
     depth, low_h, low_w = prob.shape
-    full_s, full_h, full_w = full_shape
+    z0, z1, y0, y1, x0, x1 = (int(v) for v in region)
     scale = 1.0 if prob.dtype == np.uint8 else 255.0
     # Centre of each output pixel in original coordinates, then in low-resolution ones.
     centres = (np.arange(size, dtype=np.float64) + 0.5) * (side / size) - 0.5
-    map_y = (top + centres + 0.5) * (low_h / full_h) - 0.5
-    map_x = (left + centres + 0.5) * (low_w / full_w) - 0.5
+    map_y = (top + centres + 0.5 - y0) * (low_h / (y1 - y0)) - 0.5
+    map_x = (left + centres + 0.5 - x0) * (low_w / (x1 - x0)) - 0.5
     grid_x, grid_y = np.meshgrid(map_x.astype(np.float32), map_y.astype(np.float32))
     out = np.empty((len(zs), size, size), dtype=np.uint8)
     for i, z in enumerate(zs):
-        zf = min(max((z + 0.5) * (depth / full_s) - 0.5, 0.0), depth - 1.0)
+        zf = min(max((z + 0.5 - z0) * (depth / (z1 - z0)) - 0.5, 0.0), depth - 1.0)
         k = int(np.floor(zf))
         t = zf - k
         plane = prob[k].astype(np.float32)
@@ -170,12 +171,12 @@ def mask_crops(prob: np.ndarray, full_shape: tuple[int, int, int], zs: np.ndarra
     return out
 
 
-def vertebra_stack(hu: np.ndarray, prob: np.ndarray, box: np.ndarray,
-                   cfg: CropConfig) -> tuple[np.ndarray, np.ndarray]:
+def vertebra_stack(hu: np.ndarray, prob: np.ndarray, box: np.ndarray, cfg: CropConfig,
+                   region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stack of one present vertebra: ((n, 2*context+2, size, size) uint8, (n,) centres).
 
-    hu: (S, H, W) int16; prob: (d, h, w) this vertebra's probabilities; box: (6,)
-    ``[z0, z1, y0, y1, x0, x1]`` with z inclusive and y/x half-open.
+    hu: (S, H, W) int16; prob: (d, h, w) this vertebra's probabilities covering ``region``;
+    box: (6,) ``[z0, z1, y0, y1, x0, x1]`` with z inclusive and y/x half-open.
     """
     n_slices, context, size = cfg.n_slices, cfg.context, cfg.size
     last = hu.shape[0] - 1
@@ -195,17 +196,19 @@ def vertebra_stack(hu: np.ndarray, prob: np.ndarray, box: np.ndarray,
         ct = ct[where.reshape(needed.shape)]
     stack = np.empty((n_slices, len(offsets) + 1, size, size), dtype=np.uint8)
     stack[:, :-1] = ct
-    stack[:, -1] = mask_crops(prob, hu.shape, centres, top, left, side, size)
+    stack[:, -1] = mask_crops(prob, region, centres, top, left, side, size)
     return stack, centres
 
 
-def build_stacks(hu: np.ndarray, probs: np.ndarray, boxes: BoxesLike, cfg: CropConfig) -> StackResult:
+def build_stacks(hu: np.ndarray, probs: np.ndarray, boxes: BoxesLike, cfg: CropConfig,
+                 region: np.ndarray | None = None) -> StackResult:
     """The seven vertebra stacks of one study.
 
     hu: (S, H, W) int16 HU volume, head to feet. probs: (7, d, h, w) stage-1
-    probabilities (uint8 0..255 or float 0..1) covering the whole study at any
-    resolution. boxes: the study's box table rows or a (7, 6) array (see
-    ``boxes_array``). Returns stacks (7, n_slices, 2*context+2, size, size) uint8.
+    probabilities (uint8 0..255 or float 0..1) at any resolution, covering ``region``
+    of the study (see ``common.volume``; default: all of it). boxes: the study's box
+    table rows or a (7, 6) array (see ``boxes_array``). Returns stacks
+    (7, n_slices, 2*context+2, size, size) uint8.
     """
     if hu.ndim != 3:
         raise ValueError(f"build_stacks: hu must be (S, H, W), got shape {hu.shape}")
@@ -215,6 +218,7 @@ def build_stacks(hu: np.ndarray, probs: np.ndarray, boxes: BoxesLike, cfg: CropC
         raise ValueError(f"build_stacks: bad crop settings n_slices={cfg.n_slices}, "
                          f"size={cfg.size}, context={cfg.context}")
     box_rows = boxes_array(boxes)
+    region = full_region(hu.shape) if region is None else np.asarray(region, dtype=np.int64)
     n_ch = 2 * cfg.context + 2
     stacks = np.zeros((len(VERTEBRAE), cfg.n_slices, n_ch, cfg.size, cfg.size), dtype=np.uint8)
     missing = np.ones(len(VERTEBRAE), dtype=bool)
@@ -222,6 +226,6 @@ def build_stacks(hu: np.ndarray, probs: np.ndarray, boxes: BoxesLike, cfg: CropC
     for c, box in enumerate(box_rows):
         if (box < 0).any() or hu.shape[0] == 0:
             continue
-        stacks[c], slices[c] = vertebra_stack(hu, probs[c], box, cfg)
+        stacks[c], slices[c] = vertebra_stack(hu, probs[c], box, cfg, region)
         missing[c] = False
     return StackResult(stacks=stacks, missing=missing, slices=slices)

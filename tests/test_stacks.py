@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from common.config import load_config
+from common.volume import crop_region
 from stage1_seg.boxes import boxes_from_labels
 from stage2_cls.config import CropConfig, Stage2Config
 from stage2_cls.stacks import build_stacks, centre_slices, square_window
@@ -91,6 +92,21 @@ def test_mask_channel_is_this_vertebras_mask_from_lowres_probs():
     # C2's stack must not show C1's mask: at C2's first centre (slice 16) C1 is absent.
     first_c2 = res.stacks[1, 0, 5].astype(int)
     assert first_c2[12:20, 12:20].mean() > 100
+
+
+def test_probs_covering_a_region_give_the_same_mask_channel():
+    """Stage-1 probabilities of a crop of the study (a region, padded outside) sit where they belong."""
+    hu, labels = labelled_volume()
+    boxes = boxes_from_labels(labels, "uid")
+    whole = build_stacks(hu, lowres_probs(labels), boxes, crop_cfg(margin=0.5))
+    region = np.array([0, S, -8, H - 24, 6, W + 10])  # reaches outside the study on two sides
+    part = crop_region(labels, region, 0)
+    part = part[:, : part.shape[1] // 2 * 2, : part.shape[2] // 2 * 2]
+    region[3], region[5] = region[2] + part.shape[1], region[4] + part.shape[2]
+    cropped = build_stacks(hu, lowres_probs(part), boxes, crop_cfg(margin=0.5), region)
+    assert np.array_equal(cropped.stacks[:, :, :5], whole.stacks[:, :, :5])  # CT channels: untouched
+    diff = np.abs(cropped.stacks[:2, :, 5].astype(int) - whole.stacks[:2, :, 5].astype(int))
+    assert diff.mean() < 3 and np.percentile(diff, 99) <= 64  # only interpolation at the mask's edges
 
 
 def test_float_probs_match_uint8_probs():

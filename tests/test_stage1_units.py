@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from common.volume import resample, resample_labels
+from common.volume import crop_region, resample, resample_labels
 from stage1_seg.augment import augment_pair, mixup
 from stage1_seg.boxes import boxes_from_labels, vertebra_boxes, z_iou
 from stage1_seg.config import AugmentConfig, ModelConfig, PreprocessConfig
@@ -105,9 +105,39 @@ def test_resampling_labels_never_averages_ids():
 def test_preprocess_window_range():
     hu = np.full((10, 20, 20), -1000, np.int16)
     hu[:, 5:15, 5:15] = 1500
-    cube = preprocess_hu(hu, PreprocessConfig(size=32))
+    cube, region = preprocess_hu(hu, (1.0, 1.0, 1.0), PreprocessConfig(size=32, crop_mm=0))
     assert cube.shape == (32, 32, 32) and cube.dtype == np.float32
     assert cube.min() == 0.0 and cube.max() == pytest.approx(1.0)
+    assert region.tolist() == [0, 10, 0, 20, 0, 20]
+
+
+def _neck_study():
+    """A wide field of view (1.5 mm pixels, 300 mm) with a small neck off-centre, and a table under it."""
+    hu = np.full((40, 200, 200), -1000, np.int16)
+    yy, xx = np.mgrid[:200, :200]
+    hu[:, ((yy - 80) / 40.0) ** 2 + ((xx - 130) / 45.0) ** 2 <= 1] = 40  # the neck
+    hu[:, 150:156, 20:180] = 300  # the table: wide but thin
+    labels = np.zeros(hu.shape, np.uint8)
+    for c in range(7):
+        labels[4 + 5 * c: 8 + 5 * c, 85:95, 125:137] = c + 1
+    hu[labels > 0] = 700
+    return hu, labels
+
+
+def test_neck_crop_centres_on_the_neck_and_maps_boxes_back():
+    hu, labels = _neck_study()
+    cfg = PreprocessConfig(size=32, crop_mm=120)
+    cube, region = preprocess_hu(hu, (2.0, 1.5, 1.5), cfg)
+    assert region[3] - region[2] == region[5] - region[4] == 80  # 120 mm at 1.5 mm per pixel
+    assert abs((region[2] + region[3]) / 2 - 80) <= 2 and abs((region[4] + region[5]) / 2 - 130) <= 2
+    # the cube is the crop: the neck fills it instead of a fifth of it
+    assert (cube > 0.25).mean() > 0.6  # 14 % of the whole image is neck
+    # labels preprocessed like the image and read back through the region give the true boxes
+    target = resample_labels(crop_region(labels, region, 0), (32, 32, 32))
+    pred = vertebra_boxes(target, labels.shape, "u", threshold=0.5, fallback=0.5, min_voxels=1, region=region)
+    truth = boxes_from_labels(labels, "u")
+    coords = ["z0", "z1", "y0", "y1", "x0", "x1"]
+    assert np.abs(pred[coords].to_numpy() - truth[coords].to_numpy()).max() <= 3  # a cube voxel is 2.5 px
 
 
 def test_boxes_map_back_to_original_coordinates():

@@ -56,7 +56,7 @@ def mask_overlay(data: Path, mask_npz: Path, uid: str, path: Path) -> None:
     truth = load_rsna_mask(next((data / "segmentations").glob(f"{uid}.nii*")), study)
     truth = np.where(truth <= 7, truth, 0)
     with np.load(mask_npz) as npz:
-        probs = to_original(npz["probs"].astype(np.float32) / 255.0, study.hu.shape)
+        probs = to_original(npz["probs"].astype(np.float32) / 255.0, study.hu.shape, npz["region"])
     pred = np.where(probs.max(0) >= 0.5, probs.argmax(0) + 1, 0)
     col = int(np.median(np.nonzero(truth)[2]))
     axial = int(np.median(np.nonzero(truth == 2)[0]))

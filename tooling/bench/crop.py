@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from common.dicom import load_study
 from common.io import save_npz_atomic
-from common.volume import resample_labels
+from common.volume import full_region, resample_labels
 from stage1_seg.boxes import vertebra_boxes
 from stage2_cls.config import CropConfig
 from stage2_cls.crop import COMPRESS_LEVEL, save_crop
@@ -66,7 +66,7 @@ def naive_stacks(files: list[Path], probs: np.ndarray, box_rows: np.ndarray, sha
                 image = np.clip((image - low) * 255.0 / cfg.window_width, 0, 255).astype(np.uint8)
                 crop = image[max(top, 0):top + side, max(left, 0):left + side]
                 stacks[c, i, k] = cv2.resize(crop, (cfg.size, cfg.size), interpolation=cv2.INTER_AREA)
-        stacks[c, :, -1] = mask_crops(probs[c], shape, centres, top, left, side, cfg.size)
+        stacks[c, :, -1] = mask_crops(probs[c], full_region(shape), centres, top, left, side, cfg.size)
     return stacks
 
 

@@ -55,14 +55,15 @@ def predict_rate(cfg: Stage1Config, device: torch.device, amp: bool, studies: in
     """(studies/s including preprocessing, studies/s of the network alone)."""
     model = build_model(cfg.model, pretrained_source=False).to(device).eval()
     hu = np.random.default_rng(0).integers(-1000, 1500, size=shape, dtype=np.int16)
-    cube = torch.from_numpy(preprocess_hu(hu, cfg.preprocess)).to(device)[None, None]
+    spacing = (1.0, 0.5, 0.5)
+    cube = torch.from_numpy(preprocess_hu(hu, spacing, cfg.preprocess)[0]).to(device)[None, None]
     with autocast_context(device, amp):
         model(cube)  # warm-up
     _sync(device)
     start = time.perf_counter()
     net = 0.0
     for _ in range(studies):
-        x = torch.from_numpy(preprocess_hu(hu, cfg.preprocess)).to(device)[None, None]
+        x = torch.from_numpy(preprocess_hu(hu, spacing, cfg.preprocess)[0]).to(device)[None, None]
         _sync(device)
         t = time.perf_counter()
         with autocast_context(device, amp):
