@@ -142,6 +142,21 @@ def _worker_init(worker_id: int) -> None:
 LossFn = Callable[[nn.Module, dict, torch.device], torch.Tensor]
 
 
+def training_loader(dataset: Dataset, cfg: TrainConfig, n_steps: int, seed: int,
+                    pin_memory: bool = False) -> DataLoader:
+    """``n_steps`` batches of ``dataset`` for one chunk, every random source seeded from ``seed``.
+
+    Seeds this process (the worker when ``num_workers`` is 0) and the loader's
+    generator, from which each worker's seed derives (see ``_worker_init``).
+    """
+    seed_everything(seed)
+    reseed_dataset(dataset, seed)
+    return DataLoader(dataset, batch_size=cfg.batch_size, drop_last=True,
+                      sampler=StepSampler(len(dataset), n_steps * cfg.batch_size, seed),
+                      num_workers=cfg.num_workers, pin_memory=pin_memory,
+                      worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed))
+
+
 def train_step(loss_fn: LossFn, net: nn.Module, batch: dict, device: torch.device,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp: bool,
                grad_clip: float) -> torch.Tensor:
@@ -255,14 +270,8 @@ class _Loop:
             self.ema.update(self.model)
 
     def train_chunk(self, n_steps: int) -> float:
-        chunk = len(self.history)
-        seed = chunk_seed(self.cfg.seed, chunk, self.dist.rank)
-        seed_everything(seed)
-        reseed_dataset(self.train_set, seed)  # the main process is the worker when num_workers == 0
-        loader = DataLoader(self.train_set, batch_size=self.cfg.batch_size, drop_last=True,
-                            sampler=StepSampler(len(self.train_set), n_steps * self.cfg.batch_size, seed),
-                            num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                            worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed))
+        seed = chunk_seed(self.cfg.seed, len(self.history), self.dist.rank)
+        loader = training_loader(self.train_set, self.cfg, n_steps, seed, pin_memory=self.device.type == "cuda")
         self.net.train()
         total, count = torch.zeros((), device=self.device), 0
         bar = tqdm(loader, desc=f"{self.task.stage} fold {self.fold} steps {self.step + 1}-{self.step + n_steps}"

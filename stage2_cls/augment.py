@@ -22,11 +22,25 @@ import torch
 from stage2_cls.config import AugmentConfig
 
 
+def reseed_transforms(transform: A.BasicTransform | A.BaseCompose, seed: int) -> None:
+    """Give an albumentations pipeline, and each transform in it, generators seeded from ``seed``.
+
+    ``Compose.set_random_seed`` hands the same seed to every transform, so two
+    transforms with the same probability would always fire together; each gets a
+    seed of its own here.
+    """
+    sequence = np.random.SeedSequence(seed)
+    transform.set_random_seed(int(sequence.generate_state(1)[0]))
+    children = list(getattr(transform, "transforms", []))
+    for child, child_sequence in zip(children, sequence.spawn(len(children))):
+        reseed_transforms(child, int(child_sequence.generate_state(1)[0]))
+
+
 class StackAugmenter:
     """Callable: uint8 stack (S, C, H, W) -> augmented uint8 stack of the same shape.
 
-    Uses NumPy's global RNG for the shuffle and albumentations' own RNG for the
-    rest; the training loop reseeds both per worker and epoch.
+    Uses NumPy's global RNG for the shuffle and albumentations' own generators for
+    the rest; the training loop reseeds both per worker and chunk (``reseed``).
     """
 
     def __init__(self, cfg: AugmentConfig) -> None:
@@ -53,6 +67,10 @@ class StackAugmenter:
                 A.GaussNoise(std_range=(0.02, 0.06), per_channel=False),
             ], p=cfg.blur_noise_p),
         ])
+
+    def reseed(self, seed: int) -> None:
+        reseed_transforms(self.geometric, seed)
+        reseed_transforms(self.intensity, seed + 1)
 
     def __call__(self, stack: np.ndarray) -> np.ndarray:
         if stack.ndim != 4 or stack.dtype != np.uint8:

@@ -174,6 +174,11 @@ class VertebraDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def reseed(self, seed: int) -> None:
+        """Reseed the augmentation (the training loop calls this per worker and chunk)."""
+        if self.augment is not None:
+            self.augment.reseed(seed)
+
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         i, v = (int(x) for x in self.items[k])
         stack = self.store.stack(i, v)

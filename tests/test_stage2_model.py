@@ -114,3 +114,54 @@ def test_mixup_mixes_with_a_permutation():
     mixed, perm, lam = mixup(x, alpha=1.0)
     assert 0.0 <= lam <= 1.0 and sorted(perm.tolist()) == [0, 1, 2, 3]
     assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+
+
+class _SameStackTwice(torch.utils.data.Dataset):
+    """Two items, both the same stack, augmented: what two workers draw for one sample."""
+
+    def __init__(self, stack: np.ndarray, augment: StackAugmenter) -> None:
+        self.stack, self.augment = stack, augment
+
+    def reseed(self, seed: int) -> None:
+        self.augment.reseed(seed)
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.from_numpy(self.augment(self.stack))}
+
+
+def _draws(stack: np.ndarray) -> list[bytes]:
+    from common.trainer import TrainConfig, chunk_seed, training_loader
+
+    cfg = TrainConfig(batch_size=1, num_workers=2, seed=5)
+    dataset = _SameStackTwice(stack, StackAugmenter(AugmentConfig(mixup_p=0.0)))  # the real augmentation
+    draws = []
+    for chunk in range(2):
+        for batch in training_loader(dataset, cfg, 2, chunk_seed(cfg.seed, chunk, 0)):
+            draws.append(batch["image"].numpy().tobytes())
+    return draws
+
+
+def test_augmentation_differs_per_worker_and_chunk_and_repeats_on_rerun():
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 255, (4, 6, 32, 32), dtype=np.uint8)
+    first, second = _draws(stack), _draws(stack)
+    assert len(first) == 4 and len(set(first)) == 4  # 2 workers x 2 chunks: four different draws
+    assert first == second  # the same four on a rerun
+
+
+def test_each_transform_gets_its_own_generator():
+    """Two flips with the same probability must not always fire together."""
+    augment = StackAugmenter(AugmentConfig(flip_p=0.5, ssr_p=0.0, distortion_p=0.0, cutout_p=0.0,
+                                           brightness_contrast_p=0.0, blur_noise_p=0.0, shuffle_p=0.0))
+    image = np.arange(16 * 16, dtype=np.uint8).reshape(16, 16)
+    stack = np.broadcast_to(image, (1, 6, 16, 16)).copy()
+    outcomes = set()
+    for seed in range(12):
+        augment.reseed(seed)
+        out = augment(stack)[0, 0]
+        outcomes.add((bool(np.array_equal(out, image[:, ::-1]) or np.array_equal(out, image[::-1, ::-1])),
+                      bool(np.array_equal(out, image[::-1]) or np.array_equal(out, image[::-1, ::-1]))))
+    assert len(outcomes) >= 3  # horizontal-only or vertical-only flips happen too
