@@ -15,7 +15,7 @@ from common.checkpoint import rebuild_model
 from common.device import autocast_context, choose_device
 from stage1_seg.config import PreprocessConfig, Stage1Config
 from stage1_seg.data import preprocess_hu
-from stage1_seg.model import build_model
+from stage1_seg.model import as_model_input, build_model
 
 
 def find_checkpoints(run_dir: Path, folds: Sequence[int], name: str = "best.pt") -> list[Path]:
@@ -51,7 +51,7 @@ class Stage1Ensemble:
 
         ``n_models`` limits the ensemble to its first models (a cheaper path under a time budget).
         """
-        x = torch.from_numpy(cube).to(self.device)[None, None].expand(1, self.in_channels, -1, -1, -1)
+        x = as_model_input(torch.from_numpy(cube).to(self.device)[None, None].expand(1, self.in_channels, -1, -1, -1))
         total = torch.zeros((7, *cube.shape), device=self.device)
         count = 0
         for model in self.models[:n_models] if n_models else self.models:

@@ -28,7 +28,7 @@ from common.trainer import fit
 from stage1_seg.augment import mixup
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import SegDataset, prepare_cache
-from stage1_seg.model import build_model, check_pretrained
+from stage1_seg.model import as_model_input, build_model, check_pretrained
 
 log = logging.getLogger(__name__)
 _DICE = DiceLoss(mode="multilabel", from_logits=True, smooth=1.0)
@@ -84,7 +84,7 @@ def batch_loss(cfg: Stage1Config, model: nn.Module, batch: dict, device: torch.d
     """The training loss of one batch (``image`` (B, C, D, H, W), ``target`` (B, 7, D, H, W)), mixup included."""
     image, target = batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
     image, target = mixup(image, target, cfg.augment.mixup_p)
-    return seg_loss(model(image), target, cfg.loss.bce_weight, cfg.loss.dice_weight)
+    return seg_loss(model(as_model_input(image)), target, cfg.loss.bce_weight, cfg.loss.dice_weight)
 
 
 class SegTask:
@@ -116,7 +116,7 @@ class SegTask:
 
     def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
         image, target = batch["image"].to(device), batch["target"].to(device)
-        logits = model(image).float()
+        logits = model(as_model_input(image)).float()
         out = dice_counts(torch.sigmoid(logits), target)
         losses = [seg_loss(logits[i:i + 1], target[i:i + 1], self.cfg.loss.bce_weight, self.cfg.loss.dice_weight)
                   for i in range(len(logits))]
