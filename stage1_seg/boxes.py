@@ -102,6 +102,17 @@ def z_iou(a: tuple[int, int], b: tuple[int, int]) -> float:
 
 
 def boxes_from_labels(labels: np.ndarray, uid: str) -> pd.DataFrame:
-    """Ground-truth boxes from a label volume ``(S, H, W)`` with 1..7 = C1..C7 (an oracle for tests)."""
-    onehot = np.stack([labels == c + 1 for c in range(len(VERTEBRAE))]).astype(np.float32)
-    return vertebra_boxes(onehot, labels.shape, uid, threshold=0.5, fallback=0.5, min_voxels=1)
+    """Ground-truth boxes from a label volume ``(S, H, W)`` with 1..7 = C1..C7 (the whole extent of each)."""
+    rows = []
+    for c, name in enumerate(VERTEBRAE):
+        row = {STUDY_COL: uid, "vertebra": name}
+        mask = labels == c + 1
+        if mask.any():
+            (z0, z1), (y0, y1), (x0, x1) = (
+                (int(hits[0]), int(hits[-1])) for hits in
+                (np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))))
+            row.update(z0=z0, z1=z1, y0=y0, y1=y1 + 1, x0=x0, x1=x1 + 1, voxels=int(mask.sum()), status="found")
+        else:
+            row.update(z0=-1, z1=-1, y0=-1, y1=-1, x0=-1, x1=-1, voxels=0, status="missing")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=BOX_COLUMNS)

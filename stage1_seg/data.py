@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +20,7 @@ from common.config import to_dict
 from common.dicom import load_study
 from common.io import save_npz_atomic
 from common.nifti import load_rsna_mask
+from common.parallel import worker_pool
 from common.volume import body_square, crop_region, full_region, resample, resample_labels, window
 from stage1_seg.augment import augment_pair
 from stage1_seg.config import AugmentConfig, PreprocessConfig
@@ -90,8 +90,8 @@ def prepare_cache(uids: Sequence[str], data_dir: Path, work_dir: Path, cfg: Prep
         jobs = [(u, Path(data_dir), out_dir, cfg) for u in todo]
         bar = tqdm(total=len(jobs), desc="stage1 cache", dynamic_ncols=True)
         if workers > 1:
-            with get_context("spawn").Pool(workers) as pool:
-                for _ in pool.imap_unordered(_build_entry_star, jobs):
+            with worker_pool(workers) as pool:
+                for _ in pool.map(_build_entry_star, jobs):
                     bar.update()
         else:
             for job in jobs:

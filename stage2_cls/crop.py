@@ -26,12 +26,11 @@ import json
 import logging
 import time
 import zipfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
@@ -41,6 +40,7 @@ from common.config import to_dict
 from common.constants import STUDY_COL
 from common.dicom import load_study
 from common.io import atomic_path, write_json_atomic
+from common.parallel import worker_pool
 from stage1_seg.boxes import read_boxes
 from stage2_cls.config import CropConfig, Stage2Config
 from stage2_cls.stacks import StackResult, boxes_array, build_stacks
@@ -148,10 +148,6 @@ def crop_study(job: CropJob) -> tuple[str, str, str]:
         return job.uid, "failed", f"{type(exc).__name__}: {exc}"
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one study per process already uses every core
-
-
 def _plan_jobs(uids: Sequence[str], images_dir: Path, stage1_dir: Path, crops_dir: Path,
                cfg: CropConfig) -> tuple[list[CropJob], list[str], list[str]]:
     """Jobs to run, UIDs already cropped, and UIDs without stage-1 outputs."""
@@ -176,7 +172,7 @@ def _run_jobs(jobs: list[CropJob], workers: int) -> list[tuple[str, str, str]]:
         return [crop_study(job) for job in tqdm(jobs, desc="crops", unit="study")]
     # A worker killed from outside (e.g. out of memory) raises BrokenProcessPool here
     # instead of hanging; finished crops stay on disk and a rerun resumes.
-    with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_init_worker) as pool:
+    with worker_pool(min(workers, len(jobs))) as pool:
         futures = [pool.submit(crop_study, job) for job in jobs]
         return [f.result() for f in tqdm(as_completed(futures), total=len(futures),
                                          desc="crops", unit="study")]

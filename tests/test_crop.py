@@ -156,3 +156,58 @@ def test_study_whose_volume_disagrees_with_its_stage1_mask_fails_cleanly(dataset
     got_uid, status, message = crop.crop_study(job)
     assert (got_uid, status) == (uid, "failed") and "differs from the stage-1 mask" in message
     assert not (tmp_path / "out.npz").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_killed_crop_leaves_no_worker_running(dataset, tmp_path):
+    """kill -9 of the command: its two workers die with it and write nothing more."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, work = tmp_path / "data", tmp_path / "work"
+    shutil.copytree(dataset / "data", data)
+    shutil.copytree(dataset / "work_template", work)
+    stage1 = work / "stage1" / "default"
+    boxes = pd.read_csv(stage1 / "boxes.csv", dtype={"StudyInstanceUID": str})
+    uids = [f"1.2.4.{i}" for i in range(40)]  # many copies of a good study: minutes of work
+    for uid in uids:
+        shutil.copytree(data / "train_images" / UIDS[0], data / "train_images" / uid)
+        shutil.copy(stage1 / "masks" / f"{UIDS[0]}.npz", stage1 / "masks" / f"{uid}.npz")
+    rows = [boxes[boxes.StudyInstanceUID == UIDS[0]].assign(StudyInstanceUID=uid) for uid in uids]
+    write_csv_atomic(stage1 / "boxes.csv", pd.concat([boxes, *rows]))
+    write_csv_atomic(data / "train.csv", pd.DataFrame({"StudyInstanceUID": uids, "patient_overall": 0}))
+    cmd = [sys.executable, "-m", "stage2_cls.crop", "--data-dir", str(data), "--work-dir", str(work),
+           "crop.n_slices=15", "crop.size=224", "crop.workers=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 120, []
+    while time.time() < deadline and not list((work / "crops").glob("*.npz")):
+        workers = _children(proc.pid) or workers
+        time.sleep(0.1)
+    assert list((work / "crops").glob("*.npz")), "no crop was written in time"
+    workers = [pid for pid in _children(proc.pid) if pid != proc.pid] or workers
+    assert workers, "the crop command started no worker processes"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+             and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    assert not alive, f"workers {alive} outlived their parent"
+    written = len(list((work / "crops").glob("*.npz")))
+    time.sleep(2)
+    assert len(list((work / "crops").glob("*.npz"))) == written

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import os
 import shutil
 import time
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from common.constants import OVERALL, PRED_COL, PREDICTION_TYPE_COL, ROW_ID_COL, STUDY_COL, TARGETS, VERTEBRAE
 from common.io import write_bytes_atomic, write_csv_atomic, write_json_atomic
+from common.parallel import worker_pool
 from tooling.dicom_writer import write_ct_series
 from tooling.anatomy import PRESETS
 from tooling.phantom import Phantom, render_phantom
@@ -220,8 +220,8 @@ def _run_studies(specs: list[StudySpec], out: Path, workers: int) -> list[dict[s
     bar = dict(total=len(specs), desc="synthetic studies", unit="study")
     if workers <= 1 or len(specs) < 4:  # starting workers costs more than a few studies
         return [job(spec) for spec in tqdm(specs, **bar)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(job, specs), **bar))
+    with worker_pool(workers) as pool:
+        return list(tqdm(pool.map(job, specs), **bar))
 
 
 def make_dataset(out: str | os.PathLike, n_train: int = 40, n_seg: int = 20, n_test: int = 6, size: int = 128,
