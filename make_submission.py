@@ -28,8 +28,8 @@ from common.cli import parse_command
 from common.config import replace
 from common.constants import PRED_CLIP, STUDY_COL, TARGETS
 from common.dicom import load_study
-from common.io import write_csv_atomic
-from common.metric import best_constant, expected_row_ids, read_labels_csv, validate_submission, wide_to_submission
+from common.io import remove_stale_temporaries, write_csv_atomic
+from common.metric import best_constant, read_labels_csv, read_test_csv, validate_submission, wide_to_submission
 from stage1_seg.boxes import vertebra_boxes
 from stage1_seg.infer import Stage1Ensemble
 from stage2_cls.calibration import apply_calibration
@@ -120,24 +120,20 @@ def load_prior(data_dir: Path) -> np.ndarray:
     return np.clip(prior, *PRED_CLIP)
 
 
-def read_test_csv(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"test.csv not found: {path}")
-    frame = pd.read_csv(path, dtype={STUDY_COL: str, "row_id": str})
-    missing = {"row_id", STUDY_COL}.difference(frame.columns)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}")
-    return frame
-
-
 def run(cfg: SubmissionConfig, data_dir: Path, models_dir: Path, out: Path,
         test_csv: Path | None = None) -> dict[str, Any]:
     """Predict every study of test.csv and write ``out``; returns a summary."""
     started = time.perf_counter()
+    if out.parent.is_dir():
+        remove_stale_temporaries(out.parent)
     test = read_test_csv(test_csv or data_dir / "test.csv")
     prior = load_prior(data_dir)
-    predictor = Predictor(models_dir, cfg, prior)
     uids = list(dict.fromkeys(test[STUDY_COL]))
+    if not uids:  # a header-only test.csv: nothing to predict, still a valid (empty) submission
+        write_csv_atomic(out, pd.DataFrame(columns=["row_id", "fractured"]))
+        log.warning("test.csv has no rows: wrote an empty submission %s", out)
+        return _summary(pd.DataFrame(columns=[STUDY_COL, "status", *PHASES]), time.perf_counter() - started, out)
+    predictor = Predictor(models_dir, cfg, prior)
     budget = cfg.time_budget_hours * 3600.0
     rows, records = {}, []
     bar = tqdm(uids, desc="studies", unit="study", dynamic_ncols=True)
@@ -166,7 +162,7 @@ def run(cfg: SubmissionConfig, data_dir: Path, models_dir: Path, out: Path,
         records.append(record)
     wide = pd.DataFrame([[u, *rows[u]] for u in uids], columns=[STUDY_COL, *TARGETS])
     submission = wide_to_submission(wide, test)
-    validate_submission(submission, test["row_id"].tolist() if "row_id" in test else expected_row_ids(uids))
+    validate_submission(submission, test["row_id"].tolist())
     write_csv_atomic(out, submission)
     timing = pd.DataFrame(records)
     write_csv_atomic(out.with_name(out.stem + "_log.csv"), timing)

@@ -15,7 +15,9 @@ last line, ``score <value>``.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from common.constants import (
 _NEG_WEIGHTS = np.array([VERTEBRA_WEIGHT_NEG] * 7 + [OVERALL_WEIGHT_NEG])
 _POS_WEIGHTS = np.array([VERTEBRA_WEIGHT_POS] * 7 + [OVERALL_WEIGHT_POS])
 _MAX_SHOWN = 10
+log = logging.getLogger(__name__)
 
 
 class SubmissionError(ValueError):
@@ -250,18 +253,21 @@ def align(labels_wide: pd.DataFrame, preds_wide: pd.DataFrame) -> tuple[np.ndarr
 
 def validate_submission(sub: pd.DataFrame, expected_row_ids: Iterable[str]) -> None:
     """Raise SubmissionError unless ``sub`` has columns row_id, fractured, every
-    expected row id exactly once, nothing else, and finite values in [0, 1]."""
+    expected row id as many times as it is expected (once, unless test.csv itself
+    repeats it), nothing else, and finite values in [0, 1]."""
     _check_submission_columns(sub)
     ids = sub[ROW_ID_COL].astype(str)
-    expected = list(dict.fromkeys(str(r) for r in expected_row_ids))
+    wanted = Counter(str(r) for r in expected_row_ids)
+    expected = list(wanted)
     expected_set, present = set(expected), set(ids)
+    found = Counter(ids)
     values = pd.to_numeric(sub[PRED_COL], errors="coerce").to_numpy(np.float64)
     finite = np.isfinite(values)
     with np.errstate(invalid="ignore"):
         out_of_range = finite & ((values < 0.0) | (values > 1.0))
     problems = {
         "missing": [r for r in expected if r not in present],
-        "duplicated": list(dict.fromkeys(ids[ids.duplicated()])),
+        "duplicated": [r for r in dict.fromkeys(ids) if found[r] > wanted.get(r, 1)],
         "unexpected": list(dict.fromkeys(r for r in ids if r not in expected_set)),
         "NaN or not a finite number": ids[~finite].tolist(),
         "out of range [0, 1]": ids[out_of_range].tolist(),
@@ -269,6 +275,45 @@ def validate_submission(sub: pd.DataFrame, expected_row_ids: Iterable[str]) -> N
     problems = {reason: rows for reason, rows in problems.items() if rows}
     if problems:
         raise SubmissionError(_format_problems(problems), problems)
+
+
+def read_test_csv(path: str | Path) -> pd.DataFrame:
+    """test.csv as ``row_id, StudyInstanceUID, prediction_type``, checked, every row kept as given.
+
+    The row_id is what is scored, so the study and label are taken from it; rows
+    whose StudyInstanceUID or prediction_type columns say otherwise are named in a
+    warning. Repeated rows are kept (and named). A header-only file gives an empty
+    frame. Raises ValueError naming the file when it is empty, lacks a row_id column
+    or holds a row_id without a known label suffix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"test.csv not found: {path}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file (not even a header row)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
+    if ROW_ID_COL not in frame.columns:
+        raise ValueError(f"{path}: no {ROW_ID_COL} column (columns: {list(frame.columns)})")
+    try:
+        keys = split_row_ids(frame[ROW_ID_COL])
+    except SubmissionError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    for column, derived in ((STUDY_COL, keys[STUDY_COL]), (PREDICTION_TYPE_COL, keys["label"])):
+        if column in frame.columns:
+            differ = (frame[column].astype(str).to_numpy() != derived.to_numpy())
+            if differ.any():
+                log.warning("%s: %d rows whose %s disagrees with their row_id (the row_id is what is scored, "
+                            "so it decides): %s", path, int(differ.sum()), column,
+                            _shorten(frame[ROW_ID_COL][differ].tolist()))
+    repeated = frame[ROW_ID_COL][frame[ROW_ID_COL].duplicated()].tolist()
+    if repeated:
+        log.warning("%s: %d repeated rows (each study is predicted once; every row is written as given): %s",
+                    path, len(repeated), _shorten(list(dict.fromkeys(repeated))))
+    return pd.DataFrame({ROW_ID_COL: frame[ROW_ID_COL].astype(str), STUDY_COL: keys[STUDY_COL].to_numpy(),
+                         PREDICTION_TYPE_COL: keys["label"].to_numpy()})
 
 
 def _check_submission_columns(sub: pd.DataFrame) -> None:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from common import distributed as D
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from common.device import amp_dtype, autocast_context
-from common.io import write_csv_atomic, write_json_atomic, write_text_atomic
+from common.io import remove_stale_temporaries, write_csv_atomic, write_json_atomic, write_text_atomic
 from common.plots import plot_learning_curves
 
 log = logging.getLogger(__name__)
@@ -375,6 +375,7 @@ def fit(task: Task, cfg: TrainConfig, out_dir: str | Path, *, fold: int,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     loop = _Loop(task, cfg, out_dir, fold, full_config, resume)
     try:
         if resume:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from common.config import to_dict
 from common.dicom import load_study
-from common.io import save_npz_atomic
+from common.io import remove_stale_temporaries, save_npz_atomic
 from common.nifti import load_rsna_mask
 from common.parallel import worker_pool
 from common.volume import body_square, crop_region, full_region, resample, resample_labels, window
@@ -84,6 +84,7 @@ def prepare_cache(uids: Sequence[str], data_dir: Path, work_dir: Path, cfg: Prep
     """Make sure every study in ``uids`` has a cache entry; returns the cache folder."""
     out_dir = cache_dir(work_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     todo = [u for u in uids if not (out_dir / f"{u}.npz").exists()]
     if todo:
         log.info("caching %d of %d stage-1 studies in %s", len(todo), len(uids), out_dir)
@@ -99,6 +100,21 @@ def prepare_cache(uids: Sequence[str], data_dir: Path, work_dir: Path, cfg: Prep
                 bar.update()
         bar.close()
     return out_dir
+
+
+def with_cervical_labels(uids: Sequence[str], cache: Path) -> list[str]:
+    """The studies whose cached target holds some C1..C7; the others are named in a warning.
+
+    A segmentation with only thoracic labels would train stage 1 on an empty target.
+    """
+    kept, empty = [], []
+    for uid in uids:
+        with np.load(Path(cache) / f"{uid}.npz") as data:
+            (kept if data["target"].any() else empty).append(uid)
+    if empty:
+        log.warning("skipping %d segmentations without any C1-C7 label (only other labels): %s",
+                    len(empty), ", ".join(empty))
+    return kept
 
 
 class SegDataset(Dataset):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from common.cli import parse_command
 from common.constants import STUDY_COL, VERTEBRAE
 from common.dicom import load_study
-from common.io import save_npz_atomic, write_csv_atomic, write_json_atomic
+from common.io import remove_stale_temporaries, save_npz_atomic, write_csv_atomic, write_json_atomic
 from common.nifti import load_rsna_mask
 from stage1_seg.boxes import BOX_COLUMNS, STATUSES, boxes_from_labels, vertebra_boxes, z_iou
 from stage1_seg.config import Stage1Config
@@ -86,6 +86,9 @@ def run(cfg: Stage1Config, data_dir: Path, work_dir: Path, splits: Sequence[str]
     ensemble = Stage1Ensemble(find_checkpoints(run_dir, cfg.predict.folds, cfg.predict.checkpoint),
                               flip_tta=cfg.predict.flip_tta, amp=cfg.train.amp)
     mask_dir = run_dir / "masks"
+    for folder in (run_dir, mask_dir):
+        if folder.is_dir():
+            remove_stale_temporaries(folder)
     done, failed, frames, zious = 0, [], [], []
     jobs = [(split, uid) for split in (splits or cfg.predict.splits) for uid in list_studies(data_dir, split)]
     jobs = jobs[:limit] if limit else jobs

@@ -27,7 +27,7 @@ from common.folds import fold_split
 from common.trainer import fit
 from stage1_seg.augment import mixup
 from stage1_seg.config import Stage1Config
-from stage1_seg.data import SegDataset, prepare_cache
+from stage1_seg.data import SegDataset, prepare_cache, with_cervical_labels
 from stage1_seg.model import as_model_input, build_model, check_pretrained
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ class SegTask:
                                   self.cfg.preprocess, workers=max(1, self.cfg.train.num_workers))
         cache = D.broadcast_object(cache)
         channels = self.cfg.model.in_channels
-        return (SegDataset(self.train_uids, cache, channels, self.cfg.augment),
-                SegDataset(self.val_uids, cache, channels, None))
+        train, val = (with_cervical_labels(uids, cache) for uids in (self.train_uids, self.val_uids))
+        return SegDataset(train, cache, channels, self.cfg.augment), SegDataset(val, cache, channels, None)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
         return batch_loss(self.cfg, model, batch, device)

@@ -39,7 +39,7 @@ from common.cli import parse_command
 from common.config import to_dict
 from common.constants import STUDY_COL
 from common.dicom import load_study
-from common.io import atomic_path, write_json_atomic
+from common.io import atomic_path, remove_stale_temporaries, write_json_atomic
 from common.parallel import worker_pool
 from stage1_seg.boxes import read_boxes
 from stage2_cls.config import CropConfig, Stage2Config
@@ -189,6 +189,7 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, split: st
     if limit is not None:
         uids = uids[:limit]
     crops_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(crops_dir)
     check_settings(crops_dir, cfg.crop, record=False)  # existing crops count only if they match
     jobs, done, no_stage1 = _plan_jobs(uids, images_dir, stage1_dir, crops_dir, cfg.crop)
     if jobs:
