@@ -22,6 +22,9 @@ class CropConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # 1: one vertebra per sample (the winners' "type 1"); 2: the whole study per sample, with a
+    # learned patient_overall head (their "type 2"; see stage2_cls.model.PatientClassifier)
+    type: Literal[1, 2] = 1
     backbone: str = "convnext_nano"    # any timm model; in_chans 6
     in_chans: int = 6
     pretrained: bool = False           # ImageNet start via timm (hub/cache); configs/stage2.yaml sets true
@@ -31,6 +34,9 @@ class ModelConfig:
     dropout: float = 0.2
     pooling: Literal["mean", "attention"] = "mean"
     drop_path: float = 0.1
+    # Type 2 only: slices per checkpointed backbone chunk (0: none). A study at 224 px is 105
+    # slice images; recomputing their activations in the backward pass keeps batch 2 in 16 GB.
+    checkpoint_chunk: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class AugmentConfig:
     distortion_p: float = 0.3
     cutout_p: float = 0.3
     shuffle_p: float = 0.2             # shuffle slice order within a stack
+    vertebra_shuffle_p: float = 0.2    # type 2: shuffle the order of the 7 vertebrae of a study
     mixup_p: float = 0.5
     mixup_alpha: float = 1.0           # Beta(alpha, alpha) mixing weight (1: uniform)
 

@@ -193,3 +193,47 @@ class VertebraDataset(Dataset):
                 "vertebra": torch.tensor(v, dtype=torch.int64),
                 "missing": torch.tensor(bool(self.store.missing[i, v]))}
 
+
+
+class StudyDataset(Dataset):
+    """Whole studies for the type-2 model. Items:
+
+    - ``image`` uint8 (7, S, C, H, W): every vertebra's stack (zeros where missing);
+    - ``labels`` float32 (8,): C1..C7 then patient_overall (zeros at inference);
+    - ``missing`` bool (7,); ``order`` int64 (7,): which vertebra sits in each place
+      (the identity unless the vertebra order was shuffled as an augmentation);
+    - ``study_index`` int64.
+    """
+
+    def __init__(self, store: CropStore, labels: np.ndarray | None, augment: "StackAugmenter | None" = None,
+                 shuffle_p: float = 0.0) -> None:
+        n = len(store.uids)
+        self.store, self.augment, self.shuffle_p = store, augment, shuffle_p
+        self.labels = np.zeros((n, N_VERTEBRAE + 1), np.float32) if labels is None \
+            else np.asarray(labels, np.float32)
+        if self.labels.shape != (n, N_VERTEBRAE + 1):
+            raise ValueError(f"labels must have shape ({n}, 8), got {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.store.uids)
+
+    def reseed(self, seed: int) -> None:
+        if self.augment is not None:
+            self.augment.reseed(seed)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        stacks = np.array(self.store.study(i))  # a copy: the augmentation writes into it
+        missing = self.store.missing[i].copy()
+        if self.augment is not None:
+            for v in np.flatnonzero(~missing):
+                stacks[v] = self.augment(stacks[v])
+        order = np.arange(N_VERTEBRAE)
+        if self.shuffle_p > 0 and np.random.random() < self.shuffle_p:
+            order = np.random.permutation(N_VERTEBRAE)
+        labels = self.labels[i].copy()
+        labels[:N_VERTEBRAE] = labels[order]
+        return {"image": torch.from_numpy(np.ascontiguousarray(stacks[order])),
+                "labels": torch.from_numpy(labels),
+                "missing": torch.from_numpy(missing[order]),
+                "order": torch.from_numpy(order),
+                "study_index": torch.tensor(i, dtype=torch.int64)}

@@ -11,6 +11,11 @@ benchmark share):
 - ``slice_logits`` (B, S): per-slice fracture logits;
 - ``attention`` (B, S): softmax weights over slices (``pooling: attention`` only).
 
+``model.type: 2`` builds :class:`PatientClassifier` instead (the winners'
+"type 2"): a whole study (B, 7, S, C, H, W) per sample, ``slice_logits``
+(B, 7, S) and a learned ``overall_logit`` (B,), trained on the competition
+metric itself (:func:`study_loss`).
+
 :func:`vertebra_probability` turns that dict into the vertebra's probability
 (B,): the mean of the slice probabilities (``pooling: mean``, the winners'
 choice) or the sigmoid of the attention-weighted logit (``pooling: attention``).
@@ -25,6 +30,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from common.pretrained import create_pretrained, resolve_source, wants_pretrained
 from stage2_cls.config import ModelConfig
@@ -65,6 +71,68 @@ class SliceSequenceClassifier(nn.Module):
         return out
 
 
+class PatientClassifier(nn.Module):
+    """Type 2: a whole study in one sample, with a learned patient_overall.
+
+    Input ``(B, V, S, C, H, W)`` (V = 7 vertebrae) and ``missing`` (B, V) bool. The
+    backbone and the slice LSTM are those of the type-1 model, applied to every
+    vertebra; a second bidirectional LSTM reads the seven vertebra summaries (a
+    learned embedding stands in for a missing vertebra, whose empty stack says
+    nothing) and its max over vertebrae gives the patient logit. Output dict:
+    ``slice_logits`` (B, V, S) and ``overall_logit`` (B,).
+    """
+
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        self.vertebra = SliceSequenceClassifier(cfg, backbone)
+        width = 2 * cfg.lstm_hidden
+        self.missing_embedding = nn.Parameter(torch.zeros(width))
+        self.patient_lstm = nn.LSTM(width, cfg.lstm_hidden, bidirectional=True, batch_first=True)
+        self.patient_head = nn.Linear(width, 1)
+        self.checkpoint_chunk = cfg.checkpoint_chunk
+
+    def slice_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, F); in checkpointed chunks when training with ``checkpoint_chunk``."""
+        images = images.contiguous(memory_format=torch.channels_last)
+        backbone = self.vertebra.backbone
+        if not (self.training and self.checkpoint_chunk > 0):
+            return backbone(images)
+        return torch.cat([checkpoint(backbone, chunk, use_reentrant=False)
+                          for chunk in images.split(self.checkpoint_chunk)])
+
+    def forward(self, x: torch.Tensor, missing: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 6:
+            raise ValueError(f"expected input (B, V, S, C, H, W), got shape {tuple(x.shape)}")
+        b, v, s = x.shape[:3]
+        feats = self.slice_features(x.flatten(0, 2))                  # (B*V*S, F)
+        seq, _ = self.vertebra.lstm(feats.view(b * v, s, -1))        # (B*V, S, 2*hidden)
+        seq = self.vertebra.dropout(seq)
+        slice_logits = self.vertebra.head(seq).squeeze(-1).view(b, v, s)
+        summary = seq.mean(dim=1).view(b, v, -1)
+        summary = torch.where(missing[..., None], self.missing_embedding.to(summary.dtype), summary)
+        patient, _ = self.patient_lstm(summary)                       # (B, V, 2*hidden)
+        overall = self.patient_head(patient.max(dim=1).values).squeeze(-1)
+        return {"slice_logits": slice_logits, "overall_logit": overall}
+
+
+def study_loss(output: dict[str, torch.Tensor], labels: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """The competition metric's weighting, per study, as the type-2 training loss.
+
+    labels (B, 8) in TARGETS order, missing (B, 7). Each vertebra's loss is the mean
+    slice BCE (as for type 1), weighted 2 / 1 (positive / negative) and 0 when the
+    vertebra is missing; patient_overall's BCE is weighted 14 / 7; each study's loss is
+    ``sum(w * l) / sum(w)``, then averaged over the batch: the metric itself.
+    """
+    labels = labels.float()
+    logits = output["slice_logits"].float()                                            # (B, 7, S)
+    vertebra = F.binary_cross_entropy_with_logits(
+        logits, labels[:, :7, None].expand_as(logits), reduction="none").mean(dim=2)    # (B, 7)
+    overall = F.binary_cross_entropy_with_logits(output["overall_logit"].float(), labels[:, 7], reduction="none")
+    w_vertebra = (1.0 + labels[:, :7]) * (~missing).float()
+    w_overall = 7.0 * (1.0 + labels[:, 7])
+    return ((w_vertebra * vertebra).sum(1) + w_overall * overall).div(w_vertebra.sum(1) + w_overall).mean()
+
+
 def vertebra_logit(output: dict[str, torch.Tensor]) -> torch.Tensor:
     """The vertebra logit (B,) from the model's output dict.
 
@@ -75,17 +143,18 @@ def vertebra_logit(output: dict[str, torch.Tensor]) -> torch.Tensor:
     if "attention" in output:
         return (output["attention"].float() * logits).sum(dim=1)
     # log(mean sigmoid) - log(mean (1 - sigmoid)), both through logsumexp.
-    n = torch.log(torch.tensor(float(logits.shape[1]), device=logits.device))
-    log_p = torch.logsumexp(nn.functional.logsigmoid(logits), dim=1) - n
-    log_q = torch.logsumexp(nn.functional.logsigmoid(-logits), dim=1) - n
+    n = torch.log(torch.tensor(float(logits.shape[-1]), device=logits.device))
+    log_p = torch.logsumexp(nn.functional.logsigmoid(logits), dim=-1) - n
+    log_q = torch.logsumexp(nn.functional.logsigmoid(-logits), dim=-1) - n
     return log_p - log_q
 
 
 def vertebra_probability(output: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The vertebra probability (B,): mean slice probability, or sigmoid of the attention logit."""
+    """The vertebra probability (B,) (type 2: (B, 7)): mean slice probability, or sigmoid of the
+    attention logit."""
     if "attention" in output:
         return torch.sigmoid(vertebra_logit(output))
-    return torch.sigmoid(output["slice_logits"].float()).mean(dim=1)
+    return torch.sigmoid(output["slice_logits"].float()).mean(dim=-1)
 
 
 def sample_losses(output: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
@@ -120,7 +189,8 @@ def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
     else:
         backbone = timm.create_model(cfg.backbone, pretrained=False, in_chans=cfg.in_chans,
                                      num_classes=0, drop_path_rate=cfg.drop_path)
-    return SliceSequenceClassifier(cfg, backbone.to(memory_format=torch.channels_last))
+    backbone = backbone.to(memory_format=torch.channels_last)
+    return PatientClassifier(cfg, backbone) if cfg.type == 2 else SliceSequenceClassifier(cfg, backbone)
 
 
 def check_pretrained(cfg: ModelConfig) -> None:

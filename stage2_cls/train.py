@@ -28,8 +28,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from common.cli import add_fold_arguments, parse_command
-from common.config import to_dict
-from common.constants import STUDY_COL, TARGETS, VERTEBRAE
+from common.config import replace, to_dict
+from common.constants import PRED_CLIP, STUDY_COL, TARGETS, VERTEBRAE
 from common.folds import fold_split
 from common.io import write_csv_atomic
 from common.metric import (best_constant, competition_score, constant_score, label_weights, pooled_score,
@@ -37,9 +37,10 @@ from common.metric import (best_constant, competition_score, constant_score, lab
 from common.trainer import fit
 from stage2_cls.augment import StackAugmenter, mixup
 from stage2_cls.config import Stage2Config
-from stage2_cls.dataset import CropStore, VertebraDataset, available_crops, fill_missing, prepare_images
+from stage2_cls.dataset import (CropStore, StudyDataset, VertebraDataset, available_crops, fill_missing,
+                                prepare_images)
 from stage2_cls.infer import study_probabilities
-from stage2_cls.model import build_model, check_pretrained, vertebra_probability, weighted_loss
+from stage2_cls.model import build_model, check_pretrained, study_loss, vertebra_probability, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,39 @@ class ClassifierTask:
         write_csv_atomic(self.run_dir / f"oof_fold{self.fold}.csv", table[[STUDY_COL, *TARGETS]])
 
 
+def study_batch_loss(cfg: Stage2Config, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """The type-2 loss of one batch of whole studies (the competition metric per study)."""
+    images = prepare_images(batch["image"], device)
+    missing = batch["missing"].to(device)
+    return study_loss(model(images, missing), batch["labels"].to(device), missing)
+
+
+class PatientTask(ClassifierTask):
+    """The type-2 task: whole studies in, seven vertebra probabilities and a learned patient_overall out."""
+
+    def datasets(self) -> tuple[StudyDataset, StudyDataset]:
+        train = StudyDataset(self._store(self.train_uids), self.train_labels, StackAugmenter(self.cfg.augment),
+                             shuffle_p=self.cfg.augment.vertebra_shuffle_p)
+        return train, StudyDataset(self._store(self.val_uids), self.val_labels)
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+        return study_batch_loss(self.cfg, model, batch, device)
+
+    def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
+        output = model(prepare_images(batch["image"], device), batch["missing"].to(device))
+        return {"prob": vertebra_probability(output).float().cpu().numpy(),
+                "overall": torch.sigmoid(output["overall_logit"].float()).cpu().numpy(),
+                "study_index": batch["study_index"].numpy(), "missing": batch["missing"].numpy()}
+
+    def study_table(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-study outputs -> (N_val, 8): vertebrae (the prior where missing), the learned overall."""
+        order = np.argsort(outputs["study_index"])
+        probs = fill_missing(outputs["prob"][order], outputs["missing"][order].astype(bool), self.prior)
+        table = study_probabilities(probs)
+        table[:, -1] = np.clip(outputs["overall"][order], *PRED_CLIP)
+        return table
+
+
 def fold_studies(data_dir: Path, work_dir: Path, fold: int) -> tuple[list[str], list[str], pd.DataFrame]:
     """(train UIDs, validation UIDs, train.csv labels) for ``fold``, keeping studies with a crop file."""
     train_uids, val_uids = fold_split(data_dir, work_dir, fold)
@@ -160,14 +194,27 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, fold: int
     train_uids, val_uids, labels = fold_studies(data_dir, work_dir, fold)
     log.info("stage 2 fold %d: %d training and %d validation studies", fold, len(train_uids), len(val_uids))
     decoded = work_dir / "stage2" / "decoded" if cfg.decoded_cache else None
-    task = ClassifierTask(cfg, work_dir / "crops", run_dir, fold, train_uids, val_uids, labels, decoded)
+    task_type = PatientTask if cfg.model.type == 2 else ClassifierTask
+    task = task_type(cfg, work_dir / "crops", run_dir, fold, train_uids, val_uids, labels, decoded)
     return fit(task, cfg.train, out_dir, fold=fold, full_config=to_dict(cfg), resume=resume)
+
+
+def _arguments(parser) -> None:
+    add_fold_arguments(parser)
+    parser.add_argument("--model-type", type=int, choices=(1, 2), default=None,
+                        help="1: one vertebra per sample; 2: whole studies with a learned patient_overall "
+                             "(sets model.type; its outputs go to work/stage2/<run>-type2 unless run= is given)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cmd = parse_command("Train the stage-2 vertebra fracture classifier on one fold.", "stage2.yaml",
-                        Stage2Config, argv, add_fold_arguments)
-    return run(cmd.cfg, cmd.data_dir, cmd.work_dir, cmd.args.fold, cmd.args.resume)
+                        Stage2Config, argv, _arguments)
+    cfg = cmd.cfg
+    if cmd.args.model_type is not None:
+        named = any(o.split("=", 1)[0].strip() == "run" for o in cmd.args.overrides)
+        run_name = cfg.run if named or cmd.args.model_type == 1 else f"{cfg.run}-type2"
+        cfg = replace(cfg, **{"model.type": cmd.args.model_type, "run": run_name})
+    return run(cfg, cmd.data_dir, cmd.work_dir, cmd.args.fold, cmd.args.resume)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ class ModelTester:
         """Output name -> shape (a tensor output is named "out")."""
         raise NotImplementedError
 
+    def call(self, model: nn.Module, x: torch.Tensor) -> Any:
+        """Run the model on ``inputs()`` (override for models with more arguments)."""
+        return model(x)
+
     def scalar(self, output: Any) -> torch.Tensor:
         """A scalar to back-propagate from the output."""
         return sum(v.float().sum() for v in _as_dict(output).values())
@@ -47,13 +51,13 @@ class ModelTester:
     def test_output_shapes_and_finite(self):
         model = self.build().eval()
         with torch.no_grad():
-            out = _as_dict(model(self.inputs()))
+            out = _as_dict(self.call(model, self.inputs()))
         assert {k: tuple(v.shape) for k, v in out.items()} == self.expected_shapes()
         assert all(torch.isfinite(v).all() for v in out.values())
 
     def test_gradients_reach_every_parameter(self):
         model = self.build().train()
-        self.scalar(model(self.inputs())).backward()
+        self.scalar(self.call(model, self.inputs())).backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, f"no gradient for {missing[:5]}"
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -67,7 +71,7 @@ class ModelTester:
         assert cfg == self.config()
         x = self.inputs()
         with torch.no_grad():
-            a, b = _as_dict(model(x)), _as_dict(rebuilt(x))
+            a, b = _as_dict(self.call(model, x)), _as_dict(self.call(rebuilt, x))
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

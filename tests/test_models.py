@@ -62,3 +62,20 @@ class TestClassifierConvNeXtAttention(_Classifier):
 
 class TestClassifierResNet18(_Classifier):
     overrides = ["model.backbone=resnet18"]
+
+
+class TestPatientClassifier(_Classifier):
+    """Type 2: a whole study per sample; the learned overall head beside the slice logits."""
+
+    overrides = ["model.backbone=resnet18", "model.type=2", "model.checkpoint_chunk=8"]
+
+    def inputs(self):
+        return torch.rand(2, 7, 3, 6, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def call(self, model, x):
+        missing = torch.zeros(2, 7, dtype=torch.bool)
+        missing[1, 6] = True
+        return model(x, missing)
+
+    def expected_shapes(self):
+        return {"slice_logits": (2, 7, 3), "overall_logit": (2,)}

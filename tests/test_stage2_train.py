@@ -163,3 +163,38 @@ def test_run_attention_pooling_with_mixup_matches_inference(tmp_path):
         assert np.allclose(row[list(TARGETS[:7])].to_numpy(float)[present], np.clip(vertebra, 1e-4, 1 - 1e-4)[present],
                            atol=1e-5)
         assert row["patient_overall"] == pytest.approx(row[list(TARGETS[:7])].max())  # overall: max
+
+
+def test_study_loss_is_the_competition_metric():
+    """Type 2 trains on the metric itself: with every slice of a vertebra at the same logit,
+    the loss equals the competition score of the implied probabilities."""
+    from stage2_cls.model import study_loss
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((5, 8)) < 0.3).astype(np.float64)
+    y[:, 7] = y[:, :7].max(1)
+    z = rng.normal(size=(5, 8))
+    output = {"slice_logits": torch.tensor(z[:, :7, None].repeat(4, axis=2), dtype=torch.float32),
+              "overall_logit": torch.tensor(z[:, 7], dtype=torch.float32)}
+    no_missing = torch.zeros(5, 7, dtype=torch.bool)
+    loss = study_loss(output, torch.tensor(y), no_missing).item()
+    assert loss == pytest.approx(competition_score(y, 1 / (1 + np.exp(-z))), rel=1e-5)
+    # a missing vertebra weighs nothing: changing its logit changes nothing
+    missing = no_missing.clone()
+    missing[2, 4] = True
+    a = study_loss(output, torch.tensor(y), missing).item()
+    output["slice_logits"][2, 4] += 5.0
+    assert study_loss(output, torch.tensor(y), missing).item() == pytest.approx(a, rel=1e-6)
+
+
+def test_run_type2_writes_a_learned_overall(tmp_path):
+    data_dir, work_dir, labels = make_crop_data(tmp_path)
+    metrics = run(tiny_config(**{"model.type": 2, "train.batch_size": 2, "run": "demo-type2"}), data_dir, work_dir,
+                  fold=0)
+    assert 0 < metrics["score"] < 2
+    oof = pd.read_csv(work_dir / "stage2" / "demo-type2" / "oof_fold0.csv", dtype={STUDY_COL: str})
+    p = oof[list(TARGETS)].to_numpy()
+    noisy_or = 1 - np.prod(1 - p[:, :7], axis=1)
+    assert not np.allclose(p[:, 7], noisy_or, atol=1e-3)  # patient_overall comes from the learned head
+    ckpt = torch.load(work_dir / "stage2" / "demo-type2" / "fold0" / "best.pt", weights_only=True)
+    assert any(k.startswith("patient_lstm.") for k in ckpt["model"])
