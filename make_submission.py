@@ -34,7 +34,7 @@ from stage1_seg.boxes import vertebra_boxes
 from stage1_seg.infer import Stage1Ensemble
 from stage2_cls.calibration import apply_calibration
 from stage2_cls.dataset import fill_missing
-from stage2_cls.infer import Stage2Ensemble, study_probabilities
+from stage2_cls.infer import OVERALL_RULES, Stage2Ensemble, combine
 from stage2_cls.stacks import build_stacks
 
 log = logging.getLogger("make_submission")
@@ -48,8 +48,9 @@ PHASES = ("decode", "stage1", "crops", "stage2")
 @dataclass(frozen=True)
 class SubmissionConfig:
     stage1_checkpoints: str = "stage1/default/fold*/best.pt"   # globs, relative to the models folder
-    stage2_checkpoints: str = "stage2/default/fold*/best.pt"
-    calibration: str = "stage2/default/calibration.json"       # read when it exists; used if it says so
+    stage2_checkpoints: str = "stage2/default/fold*/best.pt"   # used when there is no ensemble file
+    # Written by stage2_cls.report: the stage-2 runs to use, the patient_overall rule and the calibration.
+    ensemble: str = "stage2/ensemble.json"
     flip_tta: bool = False
     amp: bool = True
     time_budget_hours: float = 8.5                       # Kaggle allows 9 h
@@ -60,20 +61,20 @@ class Predictor:
     """Both ensembles plus everything needed to turn one study into 8 probabilities."""
 
     def __init__(self, models_dir: Path, cfg: SubmissionConfig, prior: np.ndarray) -> None:
+        self.ensemble = read_ensemble(models_dir / cfg.ensemble)
         s1 = _glob(models_dir, cfg.stage1_checkpoints, "stage-1")
-        s2 = _glob(models_dir, cfg.stage2_checkpoints, "stage-2")
+        patterns = [f"stage2/{run}/fold*/best.pt" for run in self.ensemble["runs"]] or [cfg.stage2_checkpoints]
+        s2 = [path for pattern in patterns for path in _glob(models_dir, pattern, "stage-2")]
         log.info("models: %d stage-1 and %d stage-2 checkpoints from %s", len(s1), len(s2), models_dir)
         self.stage1 = Stage1Ensemble(s1, flip_tta=cfg.flip_tta, amp=cfg.amp)
         self.stage2 = Stage2Ensemble(s2, amp=cfg.amp)
         predict = self.stage1.config.predict
         self.box_cfg = {"threshold": predict.threshold, "fallback": predict.fallback_threshold,
                         "min_voxels": predict.min_voxels}
-        calib = sorted(glob.glob(str(models_dir / cfg.calibration)))
-        self.calibration = json.loads(Path(calib[0]).read_text()) if calib else None
-        if self.calibration is None:
-            log.info("calibration: no %s: raw probabilities", models_dir / cfg.calibration)
-        else:
-            log.info("calibration %s: %s", calib[0], self.calibration.get("reason", "used"))
+        self.rule = self.ensemble["overall"] if 2 in self.stage2.types else "vertebrae"
+        calibration = self.ensemble["calibration"]
+        log.info("stage 2: types %s, patient_overall from %s; calibration: %s", self.stage2.types, self.rule,
+                 calibration.get("reason", "used") if calibration else "none (raw probabilities)")
         self.prior = prior
 
     def predict(self, folder: Path, cheap: bool = False) -> tuple[np.ndarray, dict[str, float]]:
@@ -90,12 +91,29 @@ class Predictor:
         stacks = build_stacks(study.hu, probs, boxes, self.stage2.crop, region)
         times["crops"] = _lap(t)
         t = time.perf_counter()
-        vertebra = self.stage2.predict(stacks.stacks, n_models=1 if cheap else None)
-        vertebra = fill_missing(vertebra[None], stacks.missing[None], self.prior[:7])
-        row = study_probabilities(vertebra, self.stage2.overall)
-        row = apply_calibration(row, self.calibration)
+        outputs = self.stage2.predict(stacks.stacks, stacks.missing, n_models=1 if cheap else None)
+        outputs = {key: fill_missing(value[None], stacks.missing[None], self.prior[:7]) if key != "overall2" else value
+                   for key, value in outputs.items()}
+        row = combine(outputs, self.rule, self.stage2.overall)
+        row = apply_calibration(row, self.ensemble["calibration"])
         times["stage2"] = _lap(t)
         return row[0], times
+
+
+def read_ensemble(path: Path) -> dict[str, Any]:
+    """``ensemble.json`` (see stage2_cls.report), or, without one, a single run's raw noisy-OR."""
+    if not path.is_file():
+        log.info("no %s: the stage-2 checkpoints of the config, patient_overall from the vertebrae, "
+                 "no calibration", path)
+        return {"runs": [], "overall": "vertebrae", "calibration": None}
+    try:
+        ensemble = json.loads(path.read_text())
+        runs, rule = list(ensemble["runs"]), ensemble["overall"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not an ensemble file written by stage2_cls.report ({exc})") from exc
+    if rule not in OVERALL_RULES:
+        raise ValueError(f"{path}: unknown patient_overall rule {rule!r}")
+    return {"runs": runs, "overall": rule, "calibration": ensemble.get("calibration")}
 
 
 def _lap(start: float) -> float:

@@ -1,17 +1,19 @@
-"""Cross-validation report of a stage-2 run, and the calibration fitted on it.
+"""Cross-validation report of the stage-2 runs, and the ensemble rule and calibration chosen on it.
 
-    python -m stage2_cls.report [--work-dir W] [--data-dir D] [--config C] [key=value ...]
+    python -m stage2_cls.report [--runs RUN [RUN ...]] [--work-dir W] [--data-dir D] [key=value ...]
 
-Joins every ``W/stage2/<run>/oof_fold*.csv`` with train.csv and writes, in
-``W/stage2/<run>/``: ``cv_report.json`` and ``cv_report.md`` (competition and
-pooled scores, per-label log loss and AUC, the best constant beside them, per
-fold scores), ``roc_curves.png``, ``calibration.png`` (reliability diagrams)
-and ``calibration.json``.
+Joins the ``oof_fold*.csv`` of every run (default: the config's ``run``; type-1
+and type-2 runs may be mixed) with train.csv, on the studies all of them
+predicted, and compares side by side, per label: each type alone (type 1 with
+patient_overall from its vertebrae, type 2 with its learned head) and their
+ensemble under each patient_overall rule of :mod:`stage2_cls.infer`. The rule
+with the best out-of-fold score is kept; the calibration is then chosen on that
+ensemble's out-of-fold predictions (:func:`stage2_cls.calibration.choose_calibration`,
+cross-validated, kept only when it helps the held-out folds).
 
-``calibration.json`` comes from :func:`stage2_cls.calibration.choose_calibration`:
-a regularised temperature and bias per label group, kept only when enough OOF
-studies show, cross-validated over folds, that it improves the score; otherwise
-it says why and ``make_submission`` submits raw probabilities.
+Writes ``W/stage2/ensemble.json`` (runs, rule, calibration: what make_submission
+applies) and ``W/stage2/report/``: ``cv_report.md``, ``cv_report.json``,
+``roc_curves.png``, ``calibration.png``.
 """
 from __future__ import annotations
 
@@ -22,20 +24,23 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import yaml
 from sklearn.metrics import roc_curve
 
 from common.cli import parse_command
-from common.constants import PRED_CLIP, STUDY_COL, TARGETS
+from common.constants import STUDY_COL, TARGETS
 from common.io import write_json_atomic, write_text_atomic
 from common.metric import best_constant, competition_score, constant_score, per_label_table, pooled_score
 from common.metric import read_labels_csv
 from common.plots import plt, save_figure
 from stage2_cls.calibration import apply_calibration, choose_calibration
 from stage2_cls.config import Stage2Config
+from stage2_cls.infer import OVERALL_RULES, combine, mean_logodds
 
 log = logging.getLogger(__name__)
 
 _OOF_NAME = re.compile(r"oof_fold(\d+)\.csv$")
+ENSEMBLE_JSON = "ensemble.json"
 
 
 class ReportError(FileNotFoundError):
@@ -60,6 +65,117 @@ def read_oof(run_dir: str | Path) -> pd.DataFrame:
     if dup:
         raise ReportError(f"{run_dir}: studies appear in several OOF files, e.g. {dup[:3]}")
     return oof
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved config a run's folds were trained with (from a fold's config.yaml)."""
+    for path in sorted(run_dir.glob("fold*/config.yaml")):
+        return yaml.safe_load(path.read_text())
+    raise ReportError(f"{run_dir}: no fold*/config.yaml to tell the run's model type")
+
+
+def load_runs(stage2_dir: Path, runs: Sequence[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray], str]:
+    """(studies and folds every run predicted, per-type outputs on them, type 1's overall setting)."""
+    frames, kinds, overall = {}, {}, "noisy_or"
+    for name in runs:
+        frames[name] = read_oof(stage2_dir / name).set_index(STUDY_COL)
+        cfg = run_config(stage2_dir / name)
+        kinds[name] = int(cfg["model"].get("type", 1))
+        overall = cfg.get("overall", overall) if kinds[name] == 1 else overall
+    common = sorted(set.intersection(*(set(f.index) for f in frames.values())))
+    if not common:
+        raise ReportError(f"runs {list(runs)} have no out-of-fold study in common")
+    dropped = {n: len(f) - len(common) for n, f in frames.items() if len(f) > len(common)}
+    if dropped:
+        log.warning("comparing the %d studies every run predicted (left out per run: %s)", len(common), dropped)
+    vertebrae, outputs = list(TARGETS[:7]), {}
+    for kind, key in ((1, "type1"), (2, "type2")):
+        names = [n for n in runs if kinds[n] == kind]
+        if names:
+            outputs[key] = mean_logodds([frames[n].loc[common, vertebrae].to_numpy(np.float64) for n in names])
+            if kind == 2:
+                outputs["overall2"] = mean_logodds([frames[n].loc[common, TARGETS[7]].to_numpy(np.float64)
+                                                    for n in names])
+    first = frames[runs[0]].loc[common]
+    return pd.DataFrame({STUDY_COL: common, "fold": first["fold"].to_numpy()}), outputs, overall
+
+
+def candidates(outputs: Mapping[str, np.ndarray], from_vertebrae: str) -> dict[str, tuple[dict, np.ndarray]]:
+    """Name -> (rule, (N, 8) predictions): each type alone, and the ensemble under each rule."""
+    out = {}
+    if "type1" in outputs:
+        out["type 1"] = ({"types": [1], "overall": "vertebrae"},
+                         combine({"type1": outputs["type1"]}, "vertebrae", from_vertebrae))
+    if "type2" in outputs:
+        alone = {k: outputs[k] for k in ("type2", "overall2")}
+        out["type 2"] = ({"types": [2], "overall": "type2"}, combine(alone, "type2", from_vertebrae))
+    if "type1" in outputs and "type2" in outputs:
+        for rule in OVERALL_RULES:
+            out[f"ensemble ({rule})"] = ({"types": [1, 2], "overall": rule}, combine(outputs, rule, from_vertebrae))
+    return out
+
+
+def build_report(oof: pd.DataFrame, outputs: Mapping[str, np.ndarray], labels: pd.DataFrame,
+                 from_vertebrae: str = "noisy_or") -> tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]:
+    """(report dict, labels (N, 8), predictions of each candidate) on the OOF studies."""
+    table = labels.set_index(STUDY_COL)
+    unknown = sorted(set(oof[STUDY_COL]) - set(table.index))
+    if unknown:
+        raise ReportError(f"{len(unknown)} OOF studies are not in train.csv, e.g. {unknown[:3]}")
+    y = table.loc[oof[STUDY_COL], list(TARGETS)].to_numpy(np.float64)
+    folds = oof["fold"].to_numpy()
+    found = candidates(outputs, from_vertebrae)
+    scores = {name: competition_score(y, p) for name, (_, p) in found.items()}
+    chosen = min(scores, key=scores.get)
+    rule, p = found[chosen]
+    calibration = choose_calibration(y, p, folds)
+    constant = np.broadcast_to(best_constant(y), y.shape)
+    per_label = pd.DataFrame({"label": list(TARGETS)})
+    for name, (_, q) in found.items():
+        rows = per_label_table(y, q)
+        per_label[f"{name} wlogloss"] = rows["wlogloss"].to_numpy()
+        per_label[f"{name} auc"] = rows["auc"].to_numpy()
+    per_label["constant wlogloss"] = per_label_table(y, constant)["wlogloss"].to_numpy()
+    report = {
+        "n_studies": len(oof), "folds": sorted(int(k) for k in np.unique(folds)),
+        "candidates": scores, "chosen": chosen, "rule": rule,
+        "score": scores[chosen], "pooled_score": pooled_score(y, p),
+        "constant_score": constant_score(y, best_constant(y)),
+        "fold_scores": {int(k): competition_score(y[folds == k], p[folds == k]) for k in np.unique(folds)},
+        "per_label": per_label.to_dict(orient="records"), "calibration": calibration,
+    }
+    return report, y, {name: q for name, (_, q) in found.items()}
+
+
+def format_markdown(report: Mapping[str, Any], runs: Sequence[str]) -> str:
+    calib = report["calibration"]
+    cv = calib["evidence"].get("cross_validated_score")
+    lines = [
+        f"# Stage 2 cross-validation: runs {', '.join(f'`{r}`' for r in runs)}", "",
+        f"{report['n_studies']} studies, folds {report['folds']}.", "",
+        "| predictions | competition score (lower is better) |", "| --- | --- |",
+        *[f"| {name}{' (chosen)' if name == report['chosen'] else ''} | {score:.4f} |"
+          for name, score in report["candidates"].items()],
+        f"| best constant per label (fitted on these labels) | {report['constant_score']:.4f} |",
+        f"| chosen, after calibration, cross-validated over folds | {'n/a' if cv is None else f'{cv:.4f}'} |", "",
+        f"Chosen: {report['chosen']}; pooled score {report['pooled_score']:.4f}. Per fold: "
+        + ", ".join(f"fold {k} {v:.4f}" for k, v in report["fold_scores"].items()), "",
+        markdown_table(pd.DataFrame(report["per_label"]).set_index("label")), "",
+        f"Calibration ({'used' if calib['use'] else 'not used'}): {calib['reason']}.", "",
+        "Plots: roc_curves.png, calibration.png (the chosen predictions). The metric weighs positives "
+        "double, so its optimum sits above the observed frequency (2m / (1 + m) for a constant): a "
+        "metric-calibrated curve lies above the diagonal.", "",
+    ]
+    return "\n".join(lines)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame (index = first column) as a Markdown table, floats to 4 decimals."""
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    header = [frame.index.name or ""] + [str(c) for c in frame.columns]
+    rows = [[str(i)] + [cell(v) for v in row] for i, row in zip(frame.index, frame.itertuples(index=False))]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
 
 
 def plot_roc(y: np.ndarray, p: np.ndarray, path: Path) -> None:
@@ -94,81 +210,37 @@ def plot_reliability(y: np.ndarray, p: np.ndarray, p_cal: np.ndarray, path: Path
     save_figure(fig, path)
 
 
-def build_report(oof: pd.DataFrame, labels: pd.DataFrame) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """(report dict, labels (N, 8), OOF probabilities (N, 8)) for OOF rows joined to ``labels``."""
-    table = labels.set_index(STUDY_COL)
-    unknown = sorted(set(oof[STUDY_COL]) - set(table.index))
-    if unknown:
-        raise ReportError(f"{len(unknown)} OOF studies are not in train.csv, e.g. {unknown[:3]}")
-    y = table.loc[oof[STUDY_COL], list(TARGETS)].to_numpy(np.float64)
-    p = np.clip(oof[list(TARGETS)].to_numpy(np.float64), *PRED_CLIP)
-    folds = oof["fold"].to_numpy()
-    calibration = choose_calibration(y, p, folds)
-    per_label = per_label_table(y, p)
-    per_label["constant_wlogloss"] = per_label_table(y, np.broadcast_to(best_constant(y), y.shape))["wlogloss"]
-    report = {
-        "n_studies": len(oof), "folds": sorted(int(k) for k in np.unique(folds)),
-        "score": competition_score(y, p), "pooled_score": pooled_score(y, p),
-        "constant_score": constant_score(y, best_constant(y)),
-        "fold_scores": {int(k): competition_score(y[folds == k], p[folds == k]) for k in np.unique(folds)},
-        "per_label": per_label.reset_index().to_dict(orient="records"),
-        "calibration": calibration,
-    }
-    return report, y, p
-
-
-def format_markdown(report: Mapping[str, Any], run: str) -> str:
-    per_label = pd.DataFrame(report["per_label"]).set_index("label")
-    calib = report["calibration"]
-    evidence = calib["evidence"]
-    cv = evidence.get("cross_validated_score")
-    lines = [
-        f"# Stage 2 cross-validation: run `{run}`", "",
-        f"{report['n_studies']} studies, folds {report['folds']}.", "",
-        "| reading | value |", "| --- | --- |",
-        f"| competition score (lower is better) | {report['score']:.4f} |",
-        f"| pooled score | {report['pooled_score']:.4f} |",
-        f"| best constant per label (fitted on these labels) | {report['constant_score']:.4f} |",
-        f"| after calibration, cross-validated over folds | {'n/a' if cv is None else f'{cv:.4f}'} |", "",
-        "Per fold: " + ", ".join(f"fold {k} {v:.4f}" for k, v in report["fold_scores"].items()), "",
-        markdown_table(per_label), "",
-        f"Calibration ({'used' if calib['use'] else 'not used'}): {calib['reason']}. "
-        + ", ".join(f"{g} t={calib[g]['temperature']:.3f} b={calib[g]['bias']:+.3f}" for g in ("vertebra", "overall")),
-        "", "Plots: roc_curves.png, calibration.png. The metric weighs positives double, so its optimum "
-        "sits above the observed frequency (2m / (1 + m) for a constant): a metric-calibrated curve "
-        "lies above the diagonal.", "",
-    ]
-    return "\n".join(lines)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A DataFrame (index = first column) as a Markdown table, floats to 4 decimals."""
-    def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-    header = [frame.index.name or ""] + [str(c) for c in frame.columns]
-    rows = [[str(i)] + [cell(v) for v in row] for i, row in zip(frame.index, frame.itertuples(index=False))]
-    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
-
-
-def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path) -> dict[str, Any]:
-    """Write the report files of run ``cfg.run``; returns the report dict."""
-    run_dir = Path(work_dir) / "stage2" / cfg.run
-    oof = read_oof(run_dir)
-    labels = read_labels_csv(Path(data_dir) / "train.csv")
-    report, y, p = build_report(oof, labels)
-    write_json_atomic(run_dir / "cv_report.json", report)
-    write_text_atomic(run_dir / "cv_report.md", format_markdown(report, cfg.run))
-    write_json_atomic(run_dir / "calibration.json", report["calibration"])
-    plot_roc(y, p, run_dir / "roc_curves.png")
-    plot_reliability(y, p, apply_calibration(p, report["calibration"]), run_dir / "calibration.png")
+def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path,
+        runs: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write the report and ``ensemble.json`` for ``runs`` (default: the config's run); returns the report."""
+    runs = list(runs or [cfg.run])
+    stage2_dir = Path(work_dir) / "stage2"
+    oof, outputs, from_vertebrae = load_runs(stage2_dir, runs)
+    report, y, predictions = build_report(oof, outputs, read_labels_csv(Path(data_dir) / "train.csv"),
+                                          from_vertebrae)
+    out = stage2_dir / "report"
+    write_json_atomic(out / "cv_report.json", report)
+    write_text_atomic(out / "cv_report.md", format_markdown(report, runs))
+    chosen = predictions[report["chosen"]]
+    plot_roc(y, chosen, out / "roc_curves.png")
+    plot_reliability(y, chosen, apply_calibration(chosen, report["calibration"]), out / "calibration.png")
+    write_json_atomic(stage2_dir / ENSEMBLE_JSON, {
+        "runs": runs, "overall": report["rule"]["overall"], "from_vertebrae": from_vertebrae,
+        "chosen": report["chosen"], "oof_score": report["score"], "calibration": report["calibration"]})
     return report
 
 
+def _arguments(parser) -> None:
+    parser.add_argument("--runs", nargs="+", default=None,
+                        help="stage-2 runs to compare and ensemble (default: the config's run)")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    cmd = parse_command("Cross-validation report and OOF calibration of a stage-2 run.", "stage2.yaml",
-                        Stage2Config, argv)
-    report = run(cmd.cfg, cmd.data_dir, cmd.work_dir)
-    print(format_markdown(report, cmd.cfg.run))
+    cmd = parse_command("Cross-validation report, ensemble rule and calibration of stage-2 runs.", "stage2.yaml",
+                        Stage2Config, argv, _arguments)
+    runs = cmd.args.runs or [cmd.cfg.run]
+    report = run(cmd.cfg, cmd.data_dir, cmd.work_dir, runs)
+    print(format_markdown(report, runs))
     return report
 
 

@@ -7,12 +7,13 @@
 ``wheels``: the project's own wheel plus wheels of the dependencies a Kaggle
 image lacks, for the notebook's ``pip install --no-index --find-links``.
 Needs the package index (run it where there is internet, not on Kaggle).
-``models``: the fold checkpoints and calibration in the layout make_submission
+``models``: the fold checkpoints and ensemble.json in the layout make_submission
 reads, plus a ``submission.yaml`` pointing at them.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -56,22 +57,29 @@ def download_dependencies(out: Path, python: str) -> None:
 
 
 def copy_models(work_dir: Path, out: Path, stage1_run: str, stage2_run: str) -> dict:
-    """Copy best.pt of every fold (and calibration.json) and write submission.yaml."""
-    copied = {"stage1": [], "stage2": []}
-    for stage, run in (("stage1", stage1_run), ("stage2", stage2_run)):
-        for ckpt in sorted((work_dir / stage / run).glob("fold*/best.pt")):
+    """Copy best.pt of every fold of the stage-1 run and of the stage-2 runs, ``ensemble.json``, and
+    write submission.yaml.
+
+    The stage-2 runs are those ``work/stage2/ensemble.json`` (written by stage2_cls.report)
+    names, or ``stage2_run`` when there is none.
+    """
+    ensemble = work_dir / "stage2" / "ensemble.json"
+    runs = json.loads(ensemble.read_text())["runs"] if ensemble.is_file() else [stage2_run]
+    copied: dict[str, list[str]] = {"stage1": [], "stage2": []}
+    for stage, run in [("stage1", stage1_run)] + [("stage2", r) for r in runs]:
+        found = sorted((work_dir / stage / run).glob("fold*/best.pt"))
+        if not found:
+            raise FileNotFoundError(f"no {stage} checkpoints under {work_dir / stage / run}/fold*/best.pt")
+        for ckpt in found:
             target = out / stage / run / ckpt.parent.name / "best.pt"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ckpt, target)
             copied[stage].append(str(target.relative_to(out)))
-        if not copied[stage]:
-            raise FileNotFoundError(f"no {stage} checkpoints under {work_dir / stage / run}/fold*/best.pt")
-    calibration = work_dir / "stage2" / stage2_run / "calibration.json"
-    if calibration.is_file():
-        shutil.copy2(calibration, out / "stage2" / stage2_run / "calibration.json")
     config = {"stage1_checkpoints": f"stage1/{stage1_run}/fold*/best.pt",
-              "stage2_checkpoints": f"stage2/{stage2_run}/fold*/best.pt",
-              "calibration": f"stage2/{stage2_run}/calibration.json"}
+              "stage2_checkpoints": f"stage2/{runs[0]}/fold*/best.pt"}
+    if ensemble.is_file():
+        shutil.copy2(ensemble, out / "stage2" / "ensemble.json")
+        config["ensemble"] = "stage2/ensemble.json"
     (out / "submission.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return copied
 

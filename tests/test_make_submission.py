@@ -83,7 +83,8 @@ def test_calibration_is_applied_only_when_marked_for_use(setup, tmp_path):
     calib = {"use": True, "vertebra": {"temperature": 1.0, "bias": -3.0}, "overall": {"temperature": 1.0, "bias": 3.0}}
     models = tmp_path / "models"
     shutil.copytree(setup / "models", models)
-    (models / "stage2" / "tiny" / "calibration.json").write_text(json.dumps(calib))
+    ensemble = {"runs": ["tiny"], "overall": "vertebrae", "calibration": calib}
+    (models / "stage2" / "ensemble.json").write_text(json.dumps(ensemble))
     raw = make_submission.run(_config(setup), setup / "data", setup / "models", tmp_path / "raw.csv")
     cal = make_submission.run(_config(setup), setup / "data", models, tmp_path / "cal.csv")
     assert raw["predicted"] == cal["predicted"]
@@ -93,7 +94,8 @@ def test_calibration_is_applied_only_when_marked_for_use(setup, tmp_path):
     overall = [r for r in a.index if r.endswith("patient_overall")]
     assert (b[vert] < a[vert]).all() and (b[overall] > a[overall]).all()
     # A calibration the report refused (use: false) leaves the raw probabilities.
-    (models / "stage2" / "tiny" / "calibration.json").write_text(json.dumps({**calib, "use": False}))
+    ensemble["calibration"] = {**calib, "use": False}
+    (models / "stage2" / "ensemble.json").write_text(json.dumps(ensemble))
     make_submission.run(_config(setup), setup / "data", models, tmp_path / "unused.csv")
     c = pd.read_csv(tmp_path / "unused.csv").set_index("row_id")["fractured"]
     assert np.allclose(c.to_numpy(), a.to_numpy())
@@ -102,3 +104,35 @@ def test_calibration_is_applied_only_when_marked_for_use(setup, tmp_path):
 def test_missing_models_give_a_clear_error(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="stage-1 checkpoints"):
         make_submission.run(_config(setup), setup / "data", tmp_path, tmp_path / "s.csv")
+
+
+def test_type1_and_type2_ensemble_follows_the_recorded_rule(setup, tmp_path):
+    """ensemble.json names the runs and the patient_overall rule; make_submission follows it."""
+    import shutil
+
+    from common.config import load_config
+    from stage1_seg.config import Stage1Config
+    from stage2_cls.config import Stage2Config
+    from tests.tiny_models import STAGE1_OVERRIDES, STAGE2_OVERRIDES
+    from tooling.bench.pipeline import write_models
+
+    models = tmp_path / "models"
+    shutil.copytree(setup / "models", models)
+    write_models(tmp_path / "type2", 2, load_config(Stage1Config, None, STAGE1_OVERRIDES),
+                 load_config(Stage2Config, None, [*STAGE2_OVERRIDES, "run=tiny-type2", "model.type=2"]))
+    shutil.copytree(tmp_path / "type2" / "stage2" / "tiny-type2", models / "stage2" / "tiny-type2")
+    results = {}
+    for rule in ("vertebrae", "type2"):
+        (models / "stage2" / "ensemble.json").write_text(json.dumps(
+            {"runs": ["tiny", "tiny-type2"], "overall": rule, "calibration": None}))
+        out = tmp_path / f"{rule}.csv"
+        summary = make_submission.run(_config(setup), setup / "data", models, out)
+        assert summary["fallback"] == 0
+        results[rule] = pd.read_csv(out, dtype={"row_id": str}).set_index("row_id")["fractured"]
+    vertebrae = [r for r in results["vertebrae"].index if not r.endswith("patient_overall")]
+    overall = [r for r in results["vertebrae"].index if r.endswith("patient_overall")]
+    assert np.allclose(results["vertebrae"][vertebrae], results["type2"][vertebrae])  # same vertebrae
+    assert not np.allclose(results["vertebrae"][overall], results["type2"][overall])  # the rule decides
+    (models / "stage2" / "ensemble.json").write_text("{not json")
+    with pytest.raises(ValueError, match="ensemble.json"):
+        make_submission.run(_config(setup), setup / "data", models, tmp_path / "bad.csv")

@@ -334,7 +334,7 @@ def test_trained_with_weights_files_then_deleted_submission_and_resume_work(tmp_
     out = tmp_path / "submission.csv"
     cfg = make_submission.SubmissionConfig(stage1_checkpoints="stage1/pre/fold*/best.pt",
                                            stage2_checkpoints="stage2/pre/fold*/best.pt",
-                                           calibration="stage2/pre/calibration.json", time_budget_hours=1.0)
+                                           time_budget_hours=1.0)
     summary = make_submission.run(cfg, data, models, out)
     test = pd.read_csv(data / "test.csv", dtype=str)
     validate_submission(pd.read_csv(out, dtype={"row_id": str}), test["row_id"])

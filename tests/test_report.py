@@ -12,29 +12,44 @@ from common.constants import PRED_CLIP, STUDY_COL, TARGETS
 from common.metric import best_constant, competition_score, constant_score, pooled_score
 from configs import config_path
 from stage2_cls.calibration import IDENTITY, MIN_STUDIES, apply_calibration, choose_calibration, fit_calibration
+from stage2_cls.infer import study_probabilities
 from stage2_cls.report import ReportError, main, read_oof
 
 
-def make_oof_run(root: Path, n: int = 120, n_folds: int = 3, seed: int = 0) -> tuple[Path, Path, np.ndarray, np.ndarray]:
-    """train.csv in root/data, OOF files in root/work/stage2/demo; predictions informative but overconfident."""
+def make_labels(root: Path, n: int = 120, seed: int = 0) -> tuple[Path, np.ndarray, list[str]]:
+    """train.csv in root/data; returns (data dir, labels (n, 8), uids)."""
     rng = np.random.default_rng(seed)
     y = (rng.random((n, 7)) < 0.15).astype(int)
     y = np.concatenate([y, y.max(1, keepdims=True)], axis=1)
     uids = [f"9.8.{i}" for i in range(n)]
     data_dir = root / "data"
-    data_dir.mkdir(parents=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
     labels = pd.DataFrame(y, columns=list(TARGETS))
     labels.insert(0, STUDY_COL, uids)
     labels[[STUDY_COL, "patient_overall", *TARGETS[:7]]].to_csv(data_dir / "train.csv", index=False)
-    z = 3.0 * (2 * y - 1) + rng.normal(scale=3.0, size=y.shape) - 1.0
-    p = np.clip(1 / (1 + np.exp(-z)), *PRED_CLIP)
-    run_dir = root / "work" / "stage2" / "demo"
-    run_dir.mkdir(parents=True)
-    folds = np.arange(n) % n_folds
+    return data_dir, y, uids
+
+
+def write_run(work: Path, name: str, kind: int, p: np.ndarray, uids: list[str], n_folds: int = 3) -> None:
+    """OOF files and a fold config of a stage-2 run of model type ``kind``."""
+    run_dir = work / "stage2" / name
+    folds = np.arange(len(uids)) % n_folds
     for k in range(n_folds):
         part = pd.DataFrame(p[folds == k], columns=list(TARGETS))
         part.insert(0, STUDY_COL, np.array(uids)[folds == k])
+        (run_dir / f"fold{k}").mkdir(parents=True, exist_ok=True)
         part.to_csv(run_dir / f"oof_fold{k}.csv", index=False)
+        (run_dir / f"fold{k}" / "config.yaml").write_text(f"model:\n  type: {kind}\noverall: noisy_or\n")
+
+
+def make_oof_run(root: Path, n: int = 120, n_folds: int = 3, seed: int = 0) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """A type-1 run root/work/stage2/demo: vertebra predictions informative but overconfident,
+    patient_overall their noisy-OR (as type-1 training writes it)."""
+    data_dir, y, uids = make_labels(root, n, seed)
+    rng = np.random.default_rng(seed + 1)
+    z = 3.0 * (2 * y - 1) + rng.normal(scale=3.0, size=y.shape) - 1.0
+    p = study_probabilities(np.clip(1 / (1 + np.exp(-z[:, :7])), *PRED_CLIP))
+    write_run(root / "work", "demo", 1, p, uids, n_folds)
     return data_dir, root / "work", y, p
 
 
@@ -61,16 +76,18 @@ def test_report_scores_match_metric_and_calibration_helps(tmp_path, capsys):
     # The predictions are overconfident by design: a temperature above 1 is found, and it
     # improves the held-out folds when fitted on the others, so it is used.
     assert calibration["use"] is True
-    assert calibration["vertebra"]["temperature"] > 1.2
+    assert calibration["vertebra"]["temperature"] > 1.1
     assert calibration["evidence"]["cross_validated_score"] < report["score"] - 0.01
     assert calibration["evidence"]["fitted_score_same_data"] <= calibration["evidence"]["cross_validated_score"]
-    run_dir = work_dir / "stage2" / "demo"
-    for name in ("cv_report.json", "cv_report.md", "calibration.json", "roc_curves.png", "calibration.png"):
-        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
-    calib = json.loads((run_dir / "calibration.json").read_text())
-    assert np.allclose(apply_calibration(p, calib), apply_calibration(p, report["calibration"]))
+    assert report["chosen"] == "type 1" and list(report["candidates"]) == ["type 1"]
+    out = work_dir / "stage2" / "report"
+    for name in ("cv_report.json", "cv_report.md", "roc_curves.png", "calibration.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    ensemble = json.loads((work_dir / "stage2" / "ensemble.json").read_text())
+    assert ensemble["runs"] == ["demo"] and ensemble["overall"] == "vertebrae"
+    assert np.allclose(apply_calibration(p, ensemble["calibration"]), apply_calibration(p, report["calibration"]))
     per_label = {row["label"]: row for row in report["per_label"]}
-    assert set(per_label) == set(TARGETS) and "auc" in per_label["C1"]
+    assert set(per_label) == set(TARGETS) and "type 1 auc" in per_label["C1"]
     assert "competition score" in capsys.readouterr().out
 
 
@@ -108,6 +125,26 @@ def test_calibration_refused_when_it_does_not_help_held_out_folds():
     chosen = choose_calibration(y, p, np.arange(n) % 4)
     assert chosen["use"] is False and "raw probabilities" in chosen["reason"]
     assert chosen["evidence"]["cross_validated_score"] >= chosen["evidence"]["raw_score"] * 0.995
+
+
+def test_type2_and_ensemble_compared_side_by_side_and_the_best_rule_kept(tmp_path):
+    """A type-2 run whose learned patient_overall is better than the noisy-OR of the vertebrae."""
+    data_dir, work_dir, y, p1 = make_oof_run(tmp_path)
+    rng = np.random.default_rng(9)
+    z2 = 2.0 * (2 * y - 1) + rng.normal(scale=1.0, size=y.shape) - 0.5
+    p2 = np.clip(1 / (1 + np.exp(-z2)), *PRED_CLIP)
+    write_run(work_dir, "demo-type2", 2, p2, [f"9.8.{i}" for i in range(len(y))])
+    report = main(["--data-dir", str(data_dir), "--work-dir", str(work_dir), "--runs", "demo", "demo-type2",
+                   "--config", str(config_path("demo/stage2.yaml"))])
+    names = set(report["candidates"])
+    assert names == {"type 1", "type 2", "ensemble (vertebrae)", "ensemble (type2)", "ensemble (mean)"}
+    assert report["candidates"]["type 2"] == pytest.approx(competition_score(y, p2))
+    assert report["score"] == min(report["candidates"].values())
+    assert report["rule"]["overall"] in ("type2", "mean")  # the learned head beats the noisy-OR here
+    per_label = pd.DataFrame(report["per_label"]).set_index("label")
+    assert {"type 1 auc", "type 2 auc", "ensemble (type2) wlogloss"} <= set(per_label.columns)
+    ensemble = json.loads((work_dir / "stage2" / "ensemble.json").read_text())
+    assert ensemble["runs"] == ["demo", "demo-type2"] and ensemble["overall"] == report["rule"]["overall"]
 
 
 def test_read_oof_errors(tmp_path):

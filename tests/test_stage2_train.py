@@ -158,7 +158,7 @@ def test_run_attention_pooling_with_mixup_matches_inference(tmp_path):
     ensemble = Stage2Ensemble([work_dir / "stage2" / "demo" / "fold1" / "best.pt"], device=torch.device("cpu"))
     store = CropStore(work_dir / "crops", oof[STUDY_COL].tolist())
     for i, row in oof.iterrows():
-        vertebra = ensemble.predict(store.study(i))
+        vertebra = ensemble.predict(store.study(i), store.missing[i])["type1"]
         present = ~store.missing[i]
         assert np.allclose(row[list(TARGETS[:7])].to_numpy(float)[present], np.clip(vertebra, 1e-4, 1 - 1e-4)[present],
                            atol=1e-5)

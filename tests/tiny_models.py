@@ -22,7 +22,7 @@ def write_tiny_models(models_dir: Path, n_folds: int = 1) -> dict[str, str]:
     write_models(models_dir, n_folds, load_config(Stage1Config, None, STAGE1_OVERRIDES),
                  load_config(Stage2Config, None, STAGE2_OVERRIDES))
     return {"stage1_checkpoints": "stage1/tiny/fold*/best.pt", "stage2_checkpoints": "stage2/tiny/fold*/best.pt",
-            "calibration": "stage2/tiny/calibration.json"}
+            "ensemble": "stage2/ensemble.json"}
 
 
 def write_tiny_dataset(data_dir: Path, n_test: int = 3) -> dict:

@@ -104,8 +104,8 @@ def write_report(out: Path, data: Path, work: Path, cfg1: Stage1Config, cfg2: St
     uid = folds.loc[folds["seg_fold"] == fold, STUDY_COL].iloc[0]
     mask_overlay(data, s1 / "masks" / f"{uid}.npz", uid, report / "stage1_mask_overlay.png")
     for name in ("roc_curves.png", "calibration.png"):
-        if (s2 / name).is_file():
-            shutil.copy(s2 / name, report / f"stage2_{name}")
+        if (work / "stage2" / "report" / name).is_file():
+            shutil.copy(work / "stage2" / "report" / name, report / f"stage2_{name}")
     oof = pd.read_csv(s2 / f"oof_fold{fold}.csv", dtype={STUDY_COL: str})
     labels = pd.read_csv(data / "train.csv", dtype={STUDY_COL: str})
     crop_gallery(work / "crops", oof, labels, report / "stage2_crops.png")

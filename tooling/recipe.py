@@ -116,12 +116,13 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
     """The recipe's figures from what the phases wrote (see the module docstring)."""
     data, work = root / "data", root / "work"
     s1 = json.loads((work / "stage1" / recipe.stage1.run / "fold0" / "metrics.json").read_text())
-    report = json.loads((work / "stage2" / recipe.stage2.run / "cv_report.json").read_text())
+    report = json.loads((work / "stage2" / "report" / "cv_report.json").read_text())
     return {"stage1_dice": s1["mean_dice"], "stage1_dice_per_vertebra": {f"C{c}": s1[f"dice_C{c}"] for c in range(1, 8)},
             **box_figures(data, work / "stage1" / recipe.stage1.run / "boxes.csv"),
             "stage2_oof_score": report["score"], "stage2_oof_constant": report["constant_score"],
             "stage2_oof_ratio": report["score"] / report["constant_score"], "stage2_folds": report["folds"],
-            "stage2_auc": {r["label"]: r["auc"] for r in report["per_label"]},
+            "stage2_auc": {r["label"]: r[f"{report['chosen']} auc"] for r in report["per_label"]},
+            "stage2_candidates": report["candidates"], "stage2_chosen": report["chosen"],
             "calibration": report["calibration"]["reason"],
             **submission_figures(data, root / "submission.csv")}
 
