@@ -1,7 +1,11 @@
-"""Where and how models run: the device, and mixed precision on CUDA.
+"""Where and how models run: the device, and mixed precision.
 
 Used alike by training (``common.trainer``) and inference (the stage ensembles,
-``make_submission``), so both pick the same device and autocast.
+``make_submission``), so both pick the same device and autocast. Mixed precision
+(``amp``) is bf16 on GPUs that have it (fp16 with a gradient scaler otherwise),
+and bf16 on CPUs whose oneDNN runs it natively (AVX512-BF16 / AMX): measured on
+2 such cores, a stage-1 step 1.2x and a stage-2 step 1.45-1.7x faster. Elsewhere
+a CPU stays in fp32, where bf16 would only be emulated.
 """
 from __future__ import annotations
 
@@ -17,10 +21,24 @@ def choose_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def amp_available(device: torch.device) -> bool:
+    """Whether mixed precision runs natively on ``device``."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # an older or a oneDNN-less build
+            return False
+    return False
+
+
 def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA where supported, fp16 otherwise; nothing on CPU."""
-    if not enabled or device.type != "cuda":
+    """Mixed precision where it runs natively (see the module docstring); else nothing."""
+    if not enabled or not amp_available(device):
         return contextlib.nullcontext()
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return torch.autocast("cuda", dtype=amp_dtype())
 
 

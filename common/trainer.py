@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from common import distributed as D
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from common.device import amp_dtype, autocast_context
+from common.device import amp_available, amp_dtype, autocast_context
 from common.io import remove_stale_temporaries, write_csv_atomic, write_json_atomic, write_text_atomic
 from common.plots import plot_learning_curves
 
@@ -63,7 +63,7 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.01      # the cosine ends at lr * min_lr_ratio
     grad_clip: float = 1.0          # max gradient norm; 0 turns clipping off
-    amp: bool = True                # only takes effect on CUDA
+    amp: bool = True                # mixed precision where it runs natively (common.device)
     num_workers: int = 2
     seed: int = 42
     ema_decay: float = 0.0          # EMA of the weights used for validation and inference; 0: off
@@ -218,7 +218,7 @@ class _Loop:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
-        self.amp = cfg.amp and self.device.type == "cuda"
+        self.amp = cfg.amp and amp_available(self.device)
         self.scaler = make_scaler(self.device, self.amp)
         self.ema = None
         if cfg.ema_decay > 0:
