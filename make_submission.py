@@ -16,6 +16,7 @@ import glob
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from common.cli import parse_command
 from common.config import replace
 from common.constants import PRED_CLIP, STUDY_COL, TARGETS
-from common.dicom import load_study
+from common.dicom import Study, load_study
 from common.io import remove_stale_temporaries, write_csv_atomic
 from common.metric import best_constant, read_labels_csv, read_test_csv, validate_submission, wide_to_submission
 from stage1_seg.boxes import vertebra_boxes
@@ -42,7 +43,9 @@ log = logging.getLogger("make_submission")
 # Best constant per label on the 2019 training labels (COMPETITION.md), C1..C7, patient_overall:
 # the prior when no train.csv is at hand.
 COMPETITION_PRIOR = (0.103, 0.193, 0.051, 0.075, 0.111, 0.184, 0.256, 0.531)
-PHASES = ("decode", "stage1", "crops", "stage2")
+# decode: seconds to read the study (in the background thread when prefetching); wait: how long the
+# networks waited for it (about 0 once the decoding of the next study overlaps the networks).
+PHASES = ("decode", "wait", "stage1", "crops", "stage2")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class SubmissionConfig:
     flip_tta: bool = False
     amp: bool = True
     time_budget_hours: float = 8.5                       # Kaggle allows 9 h
+    prefetch: int = 1                                    # studies decoded ahead, in a thread (0: none)
     split: str = "test"                                  # images folder: <split>_images
 
 
@@ -77,12 +81,9 @@ class Predictor:
                  calibration.get("reason", "used") if calibration else "none (raw probabilities)")
         self.prior = prior
 
-    def predict(self, folder: Path, cheap: bool = False) -> tuple[np.ndarray, dict[str, float]]:
-        """One study folder -> (8,) probabilities in TARGETS order, and seconds per phase."""
+    def predict(self, study: Study, cheap: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+        """One decoded study -> (8,) probabilities in TARGETS order, and seconds per phase."""
         times: dict[str, float] = {}
-        t = time.perf_counter()
-        study = load_study(folder, tolerant=True)
-        times["decode"] = _lap(t)
         t = time.perf_counter()
         probs, region = self.stage1.predict_hu(study.hu, study.spacing, n_models=1 if cheap else None)
         boxes = vertebra_boxes(probs, study.hu.shape, study.uid, region=region, **self.box_cfg)
@@ -98,6 +99,51 @@ class Predictor:
         row = apply_calibration(row, self.ensemble["calibration"])
         times["stage2"] = _lap(t)
         return row[0], times
+
+
+class StudyReader:
+    """Decodes the next studies in a background thread while the current one runs through the networks.
+
+    ``get(folder)`` returns ``(study, seconds it took to decode)`` and raises what
+    ``load_study`` raised, so every error stays with its study. At most ``depth``
+    studies are decoded ahead (each is about one volume of memory); the decoders
+    release the GIL, so the networks and the decoding share the cores.
+    """
+
+    def __init__(self, folders: Sequence[Path], depth: int = 1) -> None:
+        self.queue = [f for f in folders]
+        self.depth = max(0, depth)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") if self.depth else None
+        self.pending: dict[Path, Future] = {}
+
+    @staticmethod
+    def _load(folder: Path) -> tuple[Study, float]:
+        started = time.perf_counter()
+        return load_study(folder, tolerant=True), time.perf_counter() - started
+
+    def _fill(self) -> None:
+        while self.pool is not None and self.queue and len(self.pending) < self.depth:
+            folder = self.queue.pop(0)
+            self.pending[folder] = self.pool.submit(self._load, folder)
+
+    def get(self, folder: Path) -> tuple[Study, float]:
+        if folder in self.queue:
+            self.queue.remove(folder)
+        future = self.pending.pop(folder, None)
+        self._fill()  # start the next one before waiting for this one
+        return future.result() if future is not None else self._load(folder)
+
+    def skip(self, folder: Path) -> None:
+        """Forget a study that will not be predicted (its decoding, if started, is dropped)."""
+        if folder in self.queue:
+            self.queue.remove(folder)
+        future = self.pending.pop(folder, None)
+        if future is not None:
+            future.cancel()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_ensemble(path: Path) -> dict[str, Any]:
@@ -153,31 +199,39 @@ def run(cfg: SubmissionConfig, data_dir: Path, models_dir: Path, out: Path,
         return _summary(pd.DataFrame(columns=[STUDY_COL, "status", *PHASES]), time.perf_counter() - started, out)
     predictor = Predictor(models_dir, cfg, prior)
     budget = cfg.time_budget_hours * 3600.0
+    folders = {uid: data_dir / f"{cfg.split}_images" / uid for uid in uids}
+    reader = StudyReader([f for f in folders.values() if f.is_dir()], depth=cfg.prefetch)
     rows, records = {}, []
-    bar = tqdm(uids, desc="studies", unit="study", dynamic_ncols=True)
-    for i, uid in enumerate(bar):
-        record = {STUDY_COL: uid, "status": "ok", **{p: np.nan for p in PHASES}}
-        elapsed = time.perf_counter() - started
-        per_study = elapsed / max(i, 1)
-        left = len(uids) - i
-        folder = data_dir / f"{cfg.split}_images" / uid
-        if elapsed + per_study > budget:
-            record["status"] = "prior: time budget"
-        elif not folder.is_dir():
-            record["status"] = "prior: no image folder"
-        else:
-            cheap = i > 0 and elapsed + left * per_study > 0.9 * budget
-            try:
-                rows[uid], times = predictor.predict(folder, cheap=cheap)
-                record.update(times, status="ok (one model per stage)" if cheap else "ok")
-            except Exception as exc:  # one bad study never stops the submission
-                log.error("study %s: %s: %s; using the prior", uid, type(exc).__name__, exc)
-                record["status"] = f"prior: {type(exc).__name__}"
-        if not record["status"].startswith("ok"):
-            rows[uid] = prior
-            if record["status"] != "prior: no image folder":
-                log.warning("study %s: %s", uid, record["status"])
-        records.append(record)
+    try:
+        for i, uid in enumerate(tqdm(uids, desc="studies", unit="study", dynamic_ncols=True)):
+            record = {STUDY_COL: uid, "status": "ok", **{p: np.nan for p in PHASES}}
+            elapsed = time.perf_counter() - started
+            per_study = elapsed / max(i, 1)
+            folder = folders[uid]
+            if elapsed + per_study > budget:
+                record["status"] = "prior: time budget"
+                reader.skip(folder)
+            elif not folder.is_dir():
+                record["status"] = "prior: no image folder"
+            else:
+                cheap = i > 0 and elapsed + (len(uids) - i) * per_study > 0.9 * budget
+                try:
+                    waited = time.perf_counter()
+                    study, decode_seconds = reader.get(folder)
+                    record.update(wait=time.perf_counter() - waited, decode=decode_seconds)
+                    rows[uid], times = predictor.predict(study, cheap=cheap)
+                    record.update(times, status="ok (one model per stage)" if cheap else "ok")
+                except Exception as exc:  # one bad study never stops the submission
+                    log.error("study %s: %s: %s; using the prior", uid, type(exc).__name__, exc)
+                    record["status"] = f"prior: {type(exc).__name__}"
+            if not record["status"].startswith("ok"):
+                rows[uid] = prior
+                if record["status"] != "prior: no image folder":
+                    log.warning("study %s: %s", uid, record["status"])
+            record["finished"] = time.perf_counter() - started
+            records.append(record)
+    finally:
+        reader.close()
     wide = pd.DataFrame([[u, *rows[u]] for u in uids], columns=[STUDY_COL, *TARGETS])
     submission = wide_to_submission(wide, test)
     validate_submission(submission, test["row_id"].tolist())
@@ -192,8 +246,14 @@ def run(cfg: SubmissionConfig, data_dir: Path, models_dir: Path, out: Path,
 def _summary(timing: pd.DataFrame, seconds: float, out: Path) -> dict[str, Any]:
     ok = timing["status"].str.startswith("ok")
     per_phase = {p: float(timing.loc[ok, p].mean()) if ok.any() else float("nan") for p in PHASES}
+    finished = timing.loc[ok, "finished"].to_numpy(float) if "finished" in timing else np.zeros(0)
+    # Steady state: wall time between the first and the last predicted study (the first one pays
+    # for the warm-up of every model), per study.
+    steady = float((finished[-1] - finished[0]) / (len(finished) - 1)) if len(finished) > 1 else float("nan")
     return {"studies": len(timing), "predicted": int(ok.sum()), "fallback": int((~ok).sum()),
             "seconds": round(seconds, 2), "seconds_per_study": per_phase,
+            "first_study_seconds": float(finished[0]) if len(finished) else float("nan"),
+            "steady_state_seconds_per_study": steady,
             "statuses": timing["status"].value_counts().to_dict(), "out": str(out)}
 
 

@@ -36,7 +36,7 @@ def test_complete_submission_in_test_order(setup, tmp_path):
     validate_submission(sub, test["row_id"])
     assert sub["fractured"].between(1e-4, 1 - 1e-4).all()
     assert summary["predicted"] == test["StudyInstanceUID"].nunique() and summary["fallback"] == 0
-    assert set(summary["seconds_per_study"]) == {"decode", "stage1", "crops", "stage2"}
+    assert set(summary["seconds_per_study"]) == {"decode", "wait", "stage1", "crops", "stage2"}
     log = pd.read_csv(tmp_path / "submission_log.csv")
     assert (log["status"] == "ok").all()
 
@@ -136,3 +136,26 @@ def test_type1_and_type2_ensemble_follows_the_recorded_rule(setup, tmp_path):
     (models / "stage2" / "ensemble.json").write_text("{not json")
     with pytest.raises(ValueError, match="ensemble.json"):
         make_submission.run(_config(setup), setup / "data", models, tmp_path / "bad.csv")
+
+
+def test_study_reader_decodes_ahead_and_keeps_errors_with_their_study(tmp_path):
+    from common.dicom import DicomReadError
+    from tooling.dicom_writer import write_ct_series
+
+    hu = np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8)
+    folders = [tmp_path / name for name in ("a", "b", "c", "d")]
+    for k, folder in enumerate(folders):
+        write_ct_series(folder, hu + k)
+    for path in folders[1].iterdir():
+        path.write_bytes(b"broken")
+    reader = make_submission.StudyReader(folders, depth=1)
+    try:
+        study, seconds = reader.get(folders[0])
+        assert study.hu[0, 0, 0] == 0 and seconds > 0
+        assert folders[1] in reader.pending  # the next study is being decoded already
+        with pytest.raises(DicomReadError, match="b"):
+            reader.get(folders[1])
+        reader.skip(folders[2])
+        assert reader.get(folders[3])[0].hu[0, 0, 0] == 3
+    finally:
+        reader.close()
