@@ -16,9 +16,13 @@ import numpy as np
 
 from common.decoders import DicomReadError, SliceHeader, decode_into, read_header
 
-__all__ = ["Study", "DicomReadError", "load_study"]
+__all__ = ["Study", "DicomReadError", "load_study", "MAX_SLICE_SIDE", "MAX_STUDY_VOXELS"]
 
 LOG = logging.getLogger(__name__)
+
+# A study larger than this is refused before its volume is allocated (16 GiB of int16).
+MAX_SLICE_SIDE = 2048  # Rows and Columns
+MAX_STUDY_VOXELS = 2000 * 2048 * 2048
 
 # Files that are certainly not slices; anything else must parse as DICOM.
 _SKIP_SUFFIXES = {
@@ -168,12 +172,16 @@ def _select_series(headers: list[SliceHeader], folder: Path,
     return best
 
 
+def _file_names(paths: list[str]) -> str:
+    """The first five file names, and how many more."""
+    more = f" (+{len(paths) - 5} more)" if len(paths) > 5 else ""
+    return ", ".join(os.path.basename(p) for p in paths[:5]) + more
+
+
 def _log_dropped(reasons: dict[str, list[str]], dropped: list[str]) -> None:
     for reason, paths in reasons.items():
-        names = ", ".join(os.path.basename(p) for p in paths[:5])
-        more = f" (+{len(paths) - 5} more)" if len(paths) > 5 else ""
-        LOG.warning("%s: dropped %d file(s), %s: %s%s", os.path.dirname(paths[0]),
-                    len(paths), reason, names, more)
+        LOG.warning("%s: dropped %d file(s), %s: %s", os.path.dirname(paths[0]),
+                    len(paths), reason, _file_names(paths))
         dropped.extend(f"{p}: {reason}" for p in paths)
 
 
@@ -207,7 +215,24 @@ def _z_spacing(z_positions: np.ndarray, first: SliceHeader, folder: Path) -> flo
     return dz
 
 
-def _decode_volume(series: list[SliceHeader], tolerant: bool, method: str,
+def _allocate(series: list[SliceHeader], folder: Path) -> np.ndarray:
+    """The empty (slices, rows, cols) int16 volume, refusing absurd sizes first."""
+    n, rows, cols = len(series), series[0].rows, series[0].cols
+    gib = n * rows * cols * 2 / 2**30
+    if max(rows, cols) > MAX_SLICE_SIDE:
+        raise DicomReadError(folder, f"slices of {rows} x {cols} pixels (e.g. {series[0].path}) "
+                                     f"exceed MAX_SLICE_SIDE = {MAX_SLICE_SIDE}")
+    if n * rows * cols > MAX_STUDY_VOXELS:
+        raise DicomReadError(folder, f"{n} slices of {rows} x {cols} ({gib:.1f} GiB) exceed "
+                                     f"MAX_STUDY_VOXELS = {MAX_STUDY_VOXELS}")
+    try:
+        return np.empty((n, rows, cols), dtype=np.int16)
+    except MemoryError as exc:
+        raise MemoryError(f"{folder}: cannot allocate the {gib:.1f} GiB volume "
+                          f"({n} x {rows} x {cols} int16)") from exc
+
+
+def _decode_volume(series: list[SliceHeader], tolerant: bool, method: str, folder: Path,
                    dropped: list[str], used: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """Fill a preallocated (slices, rows, cols) int16 volume slice by slice.
 
@@ -215,8 +240,7 @@ def _decode_volume(series: list[SliceHeader], tolerant: bool, method: str,
     squeezed out in place, so peak memory stays one volume plus one slice. ``used``
     counts the slices each decoder read.
     """
-    first = series[0]
-    hu = np.empty((len(series), first.rows, first.cols), dtype=np.int16)
+    hu = _allocate(series, folder)
     ok = np.ones(len(series), dtype=bool)
     for i, h in enumerate(series):
         try:
@@ -234,8 +258,18 @@ def _decode_volume(series: list[SliceHeader], tolerant: bool, method: str,
         for j, i in enumerate(np.flatnonzero(ok)):
             if j != i:
                 hu[j] = hu[i]
-        hu.resize((n_ok, first.rows, first.cols), refcheck=False)
+        hu.resize((n_ok,) + hu.shape[1:], refcheck=False)
     return hu, ok
+
+
+def _log_notes(series: list[SliceHeader], folder: Path) -> None:
+    """Warn once per kind of header repair (e.g. an unusable RescaleSlope), naming files."""
+    notes: dict[str, list[str]] = defaultdict(list)
+    for h in series:
+        for note in h.notes:
+            notes[note].append(h.path)
+    for note, paths in notes.items():
+        LOG.warning("%s: %d file(s): %s: %s", folder, len(paths), note, _file_names(paths))
 
 
 def load_study(folder: str | os.PathLike, tolerant: bool = False, uid: str | None = None,
@@ -256,10 +290,11 @@ def load_study(folder: str | os.PathLike, tolerant: bool = False, uid: str | Non
     normal = _unit_normal(series[0].orientation)
     series, z_positions = _order_head_to_feet(series, normal, dropped)
     used: dict[str, int] = {}
-    hu, ok = _decode_volume(series, tolerant, method, dropped, used)
+    hu, ok = _decode_volume(series, tolerant, method, folder, dropped, used)
     if not ok.any():
         raise DicomReadError(folder, "no slice of the study could be decoded")
     series = [h for h, good in zip(series, ok) if good]
+    _log_notes(series, folder)
     z_positions = z_positions[ok]
     first = series[0]
     row_mm, col_mm = first.pixel_spacing or (1.0, 1.0)
