@@ -99,6 +99,7 @@ _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 _ITEM_TAG, _SEQ_END_TAG = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ZERO_RUN = bytes(32)
+_CHUNK = 1 << 15  # samples per step of the bit accounting (256 KiB of intp indices)
 
 # DS / IS values: both header readers hand over their raw text, parsed by _numbers().
 _TEXT_NUMBER_KEYWORDS = [
@@ -695,9 +696,10 @@ def _residuals(samples: np.ndarray, scan: _JpegScan) -> np.ndarray:
 
 def _stream_balances(samples: np.ndarray, scan: _JpegScan) -> bool:
     """Do the decoded samples re-encode to exactly the entropy-coded data (1-padded)?"""
-    # uint32 holds the sum for slices up to 4096 x 4096 (at most 255 bits a sample)
-    bits = int(np.take(_bits_table(scan.dc_table), _residuals(samples, scan),
-                       mode="clip").sum(dtype=np.uint64 if samples.size > 1 << 24 else np.uint32))
+    table, residuals = _bits_table(scan.dc_table), _residuals(samples, scan).reshape(-1)
+    # In chunks: take() makes an intp copy of its indices (8 bytes each), kept small here.
+    bits = sum(int(np.take(table, residuals[k:k + _CHUNK], mode="clip").sum(dtype=np.uint32))
+               for k in range(0, residuals.size, _CHUNK))
     pad = 8 * scan.data_bytes - bits
     return 0 <= pad < 8 and scan.last_byte & ((1 << pad) - 1) == (1 << pad) - 1
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from common.cli import base_parser, resolve_data_dir, setup_logging
 from common.config import load_config, to_dict
 from common.constants import STUDY_COL
-from common.dicom import load_study
+from common.dicom import DECODE_WORKERS_ENV, load_study
 from common.io import atomic_path, write_json_atomic
 from stage1_seg.boxes import read_boxes
 from stage2_cls.config import CropConfig, Stage2Config
@@ -148,7 +149,10 @@ def crop_study(job: CropJob) -> tuple[str, str, str]:
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one study per process already uses every core
+    # One study per process already uses every core: no nested threads for OpenCV, nor
+    # for DICOM decoding (common.dicom.default_workers() honours this variable).
+    cv2.setNumThreads(1)
+    os.environ[DECODE_WORKERS_ENV] = "1"
 
 
 def _plan_jobs(uids: Sequence[str], images_dir: Path, stage1_dir: Path, crops_dir: Path,
