@@ -14,9 +14,11 @@ in a fresh subprocess pinned to its CPUs, on the same files in the same run:
   with pydicom's default plugins.
 
 Every loader must yield the same HU (compared slice by slice, order-free, since the
-naive loop sorts by file name). Rates are the median of ``--repeats`` runs, in slices
-per second of wall clock; the table prints the load average, since other jobs on the
-machine slow every loader alike.
+naive loop sorts by file name). Loaders take turns, one run each per round (after a
+warm-up on two files), and rates are the median over ``--repeats`` rounds, in slices
+per second of wall clock; the table prints the highest load average seen, since other
+jobs on the machine slow every loader alike. 1-core runs use the last CPU of the
+process's affinity mask.
 
 Peak memory is the growth of the process's resident set (VmHWM after resetting it via
 /proc/self/clear_refs, minus VmRSS before the load), so it counts C-library buffers
@@ -356,12 +358,23 @@ def _proc_status_kb(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
+def _warm_up(loader: str, folder: str, syntax: str, workers: int) -> None:
+    """Pay imports, first-call set-up (plugin discovery...) and the warming of Python's
+    specialising interpreter on a few of the files, so that a single timed run is in
+    the steady state of a long job."""
+    with tempfile.TemporaryDirectory(prefix="warm_") as tmp:
+        for path in sorted(Path(folder).iterdir())[:4]:
+            os.symlink(path, Path(tmp) / path.name)
+        for _ in range(8):
+            run_loader(loader, tmp, syntax, workers)
+
+
 def _measure(loader: str, folder: str, syntax: str, workers: int, repeats: int) -> dict:
     """Run one loader ``repeats`` times in this process: median rate, largest RSS growth."""
     import common.dicom  # noqa: F401  (imports happen before the memory baseline)
     import pydicom  # noqa: F401
 
-    run_loader(loader, folder, syntax, workers)  # warm-up: imports, page cache
+    _warm_up(loader, folder, syntax, workers)
     times, peak = [], 0
     for _ in range(repeats):
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -377,7 +390,7 @@ def _measure(loader: str, folder: str, syntax: str, workers: int, repeats: int) 
 
 
 def _child(loader: str, folder: str, syntax: str, cores: int, repeats: int) -> dict:
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[-cores:])
     return _measure(loader, folder, syntax, cores, repeats)
 
 
@@ -389,13 +402,29 @@ def _run_child(loader: str, folder: Path, syntax: str, cores: int, repeats: int)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _combine(runs: list[dict]) -> dict:
+    """One loader's rounds: median rate, largest peak and load, the digest if they agree."""
+    digests = {r["digest"] for r in runs}
+    return dict(slices_per_s=float(np.median([r["slices_per_s"] for r in runs])),
+                peak_bytes=max(r["peak_bytes"] for r in runs), int16_bytes=runs[0]["int16_bytes"],
+                digest=digests.pop() if len(digests) == 1 else "differs between runs",
+                load_avg=max(r["load_avg"] for r in runs))
+
+
 def measure_syntax(folder: Path, syntax: str, cores: int, repeats: int) -> dict[str, dict]:
-    """Every loader on ``folder``: load_study on 1 and ``cores`` cores, decoders, naive."""
+    """Every loader on ``folder``: load_study on 1 and ``cores`` cores, decoders, naive.
+
+    Loaders take turns, one timed run each per round, so that load from other jobs
+    that comes and goes falls on all of them alike.
+    """
     runs = {"load_study": (1, "load_study"), f"load_study x{cores}": (cores, "load_study")}
     runs.update({name: (1, name) for name in installed_decoders(syntax)})
     runs["naive"] = (1, "naive")
-    row = {label: _run_child(loader, folder, syntax, n, repeats)
-           for label, (n, loader) in runs.items()}
+    rounds: dict[str, list[dict]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, (n, loader) in runs.items():
+            rounds[label].append(_run_child(loader, folder, syntax, n, 1))
+    row = {label: _combine(r) for label, r in rounds.items()}
     if len({r["digest"] for r in row.values()}) != 1:
         raise RuntimeError(f"{folder.name}: the loaders disagree on the HU values: "
                            + ", ".join(f"{k} {r['digest'][:8]}" for k, r in row.items()))

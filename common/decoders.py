@@ -99,6 +99,7 @@ _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 _ITEM_TAG, _SEQ_END_TAG = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ZERO_RUN = bytes(32)
+_O_RDONLY = os.O_RDONLY | getattr(os, "O_BINARY", 0)
 _CHUNK = 1 << 15  # samples per step of the bit accounting (256 KiB of intp indices)
 
 # DS / IS values: both header readers hand over their raw text, parsed by _numbers().
@@ -271,6 +272,14 @@ def _header_fields(v: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
 
 # --- Locating and checking the pixel data ----------------------------------------------
 
+def _seek_read(fd: int, n: int, offset: int) -> bytes:  # pragma: no cover - no os.pread
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, n)
+
+
+_pread = getattr(os, "pread", _seek_read)  # reads by offset, whatever a file object's position
+
+
 def _pixel_element(head: bytes, implicit: bool) -> tuple[int, int]:
     """(element header size, value length) of the PixelData element starting ``head``."""
     if head[:4] != _PIXEL_DATA_TAG:
@@ -287,7 +296,7 @@ def _native_bytes(f: dict[str, Any]) -> int:
     return (bits + 7) // 8
 
 
-def _check_pixel_value(fh: Any, path: str, f: dict[str, Any], start: int, length: int,
+def _check_pixel_value(fd: int, path: str, f: dict[str, Any], start: int, length: int,
                        size: int) -> None:
     """Refuse pixel data that cannot hold the image the header declares.
 
@@ -304,29 +313,27 @@ def _check_pixel_value(fh: Any, path: str, f: dict[str, Any], start: int, length
         if start + need > size:
             raise DicomReadError(path, f"truncated pixel data: {size - start} of {need} bytes")
     elif length == _UNDEFINED_LENGTH:
-        fh.seek(start)
-        item = fh.read(8)
+        item = _pread(fd, 8, start)
         table = int.from_bytes(item[4:8], "little")
-        fh.seek(start + 8 + table)
-        first = fh.read(8)
+        first = _pread(fd, 8, start + 8 + table)
         fragment = int.from_bytes(first[4:8], "little")
         if item[:4] != _ITEM_TAG or first[:4] != _ITEM_TAG or fragment == 0 \
                 or start + 16 + table + fragment > size:
             raise DicomReadError(path, "encapsulated pixel data holds no complete frame")
 
 
-def _with_pixels(fh: Any, path: str, f: dict[str, Any], offset: int, size: int) -> SliceHeader:
+def _with_pixels(fd: int, path: str, f: dict[str, Any], offset: int, size: int) -> SliceHeader:
     """The SliceHeader, given the file offset where the PixelData element starts (or -1)."""
     if offset < 0:
         return SliceHeader(path=path, has_pixels=False, **f)
-    fh.seek(offset)
-    head_size, length = _pixel_element(fh.read(12), f["transfer_syntax"] == IMPLICIT_LE)
-    _check_pixel_value(fh, path, f, offset + head_size, length, size)
+    head_size, length = _pixel_element(_pread(fd, 12, offset),
+                                       f["transfer_syntax"] == IMPLICIT_LE)
+    _check_pixel_value(fd, path, f, offset + head_size, length, size)
     return SliceHeader(path=path, has_pixels=True, pixel_offset=offset + head_size,
                        pixel_length=-1 if length == _UNDEFINED_LENGTH else length, **f)
 
 
-def _native_tail(fh: Any, f: dict[str, Any], size: int) -> int:
+def _native_tail(fd: int, f: dict[str, Any], size: int) -> int:
     """Offset of a native PixelData element that ends the file, or -1.
 
     Nearly every native file ends with its pixel data; checking the one place it must
@@ -338,9 +345,8 @@ def _native_tail(fh: Any, f: dict[str, Any], size: int) -> int:
     offset = size - _native_bytes(f) - head
     if offset < 132:
         return -1
-    fh.seek(offset)
     try:
-        return offset if _pixel_element(fh.read(head + 4)[:12], head == 8)[1] \
+        return offset if _pixel_element(_pread(fd, 12, offset), head == 8)[1] \
             == size - offset - head else -1
     except ValueError:
         return -1
@@ -354,7 +360,7 @@ def _dicomsdl_texts(ds: Any) -> dict[str, bytes | None]:
     return {k: e.toBytes() if e.offset() else None for k, e in zip(_TEXT_NUMBER_KEYWORDS, elements)}
 
 
-def _dicomsdl_header_end(ds: Any, fh: Any, size: int) -> int:
+def _dicomsdl_header_end(ds: Any, fd: int, size: int) -> int:
     """Offset of the PixelData element (-1 if absent), from the end of the last element."""
     element = None
     for element in ds:  # elements come in tag order: the last one precedes PixelData
@@ -362,8 +368,7 @@ def _dicomsdl_header_end(ds: Any, fh: Any, size: int) -> int:
     end = 0 if element is None else element.offset() + element.length()
     if not 0 < end <= size:
         raise ValueError("cannot locate the end of the header")
-    fh.seek(end)
-    if fh.read(4) == _PIXEL_DATA_TAG:
+    if _pread(fd, 4, end) == _PIXEL_DATA_TAG:
         return end
     if end < size:
         raise ValueError("unexpected data after the header (undefined-length element?)")
@@ -372,17 +377,20 @@ def _dicomsdl_header_end(ds: Any, fh: Any, size: int) -> int:
 
 def _header_dicomsdl(path: str) -> SliceHeader:
     """Parse up to, not into, the pixel data (robust in fuzzing) and locate PixelData."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        if fh.read(132)[128:] != b"DICM":  # includes empty files, which crash dicomsdl
+    fd = os.open(path, _O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if _pread(fd, 4, 128) != b"DICM":  # includes empty files, which crash dicomsdl
             raise ValueError("no DICM preamble")  # bare data sets are left to pydicom
         ds = dicomsdl.open(path, _PIXEL_DATA_GROUP)
         values = dict(zip(_OTHER_KEYWORDS, ds.getValues(_OTHER_KEYWORDS)))
         fields = _header_fields(values, _dicomsdl_texts(ds))
-        offset = _native_tail(fh, fields, size)
+        offset = _native_tail(fd, fields, size)
         if offset < 0:
-            offset = _dicomsdl_header_end(ds, fh, size)
-        return _with_pixels(fh, path, fields, offset, size)
+            offset = _dicomsdl_header_end(ds, fd, size)
+        return _with_pixels(fd, path, fields, offset, size)
+    finally:
+        os.close(fd)
 
 
 def _pydicom_text(ds: Any, keyword: str) -> Any:
@@ -411,7 +419,7 @@ def _header_pydicom(path: str) -> SliceHeader:
         values = {k: ds.get(k) for k in _OTHER_KEYWORDS}
         values["TransferSyntaxUID"] = meta.get("TransferSyntaxUID") if meta is not None else None
         fields = _header_fields(values, {k: _pydicom_text(ds, k) for k in _TEXT_NUMBER_KEYWORDS})
-        return _with_pixels(fh, path, fields, offset if has_pixels else -1, size)
+        return _with_pixels(fh.fileno(), path, fields, offset if has_pixels else -1, size)
 
 
 def read_header(path: str) -> SliceHeader:
@@ -506,6 +514,19 @@ def _read_from(path: str, offset: int) -> bytes:
     with open(path, "rb", buffering=0) as fh:
         fh.seek(offset)
         return fh.readall()
+
+
+def _read_into(path: str, offset: int, out: np.ndarray) -> int:
+    """Read ``out.nbytes`` bytes from ``offset`` straight into ``out``; bytes read."""
+    if not hasattr(os, "preadv"):  # pragma: no cover - e.g. Windows
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            return fh.readinto(memoryview(out).cast("B"))
+    fd = os.open(path, _O_RDONLY)
+    try:
+        return os.preadv(fd, [memoryview(out).cast("B")], offset)
+    finally:
+        os.close(fd)
 
 
 def _read_frame(header: SliceHeader) -> bytes:
@@ -833,9 +854,7 @@ def _decode_j2k(header: SliceHeader, out: np.ndarray) -> None:
 
 def _decode_native(header: SliceHeader, out: np.ndarray) -> None:
     stored = out.view(np.int16 if header.pixel_representation else np.uint16)
-    with open(header.path, "rb", buffering=0) as fh:
-        fh.seek(header.pixel_offset)
-        n_read = fh.readinto(memoryview(stored).cast("B"))
+    n_read = _read_into(header.path, header.pixel_offset, stored)
     if n_read != stored.nbytes:
         raise ValueError(f"truncated pixel data: {n_read} of {stored.nbytes} bytes")
     _to_hu(stored, header, out)
