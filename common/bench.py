@@ -217,16 +217,16 @@ def naive_load(folder: str | os.PathLike, plugin: str = "") -> np.ndarray:
 
 # --- The decoders, each in the loop a careful user would write ---------------------------
 
-def _sorted_slices(folder: str) -> list[tuple[str, float, float]]:
-    """(path, slope, intercept) head to feet, from a dicomsdl pass over the headers."""
+def _sorted_slices(folder: str) -> tuple[list[tuple[str, float, float]], tuple[int, int]]:
+    """(path, slope, intercept) head to feet, and (rows, cols), from a dicomsdl header pass."""
     import dicomsdl
 
     rows = []
     for path in (str(p) for p in Path(folder).iterdir()):
-        position, slope, intercept = dicomsdl.open(path, 0x7FE00000).getValues(
-            ["ImagePositionPatient", "RescaleSlope", "RescaleIntercept"])
-        rows.append((-position[2], path, slope or 1.0, intercept or 0.0))
-    return [row[1:] for row in sorted(rows)]
+        position, slope, intercept, n_rows, n_cols = dicomsdl.open(path, 0x7FE00000).getValues(
+            ["ImagePositionPatient", "RescaleSlope", "RescaleIntercept", "Rows", "Columns"])
+        rows.append((-position[2], path, slope or 1.0, intercept or 0.0, (n_rows, n_cols)))
+    return [row[1:4] for row in sorted(rows)], rows[0][4]
 
 
 def _rescale(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
@@ -248,46 +248,40 @@ def _frame(path: str) -> bytes:
 
 
 def _decoder_loop(folder: str, decode: Callable[[str, np.ndarray], np.ndarray]) -> np.ndarray:
-    """Volume of ``decode(path, scratch) -> stored`` over the sorted slices, as int16 HU."""
-    slices = _sorted_slices(folder)
-    first = decode(slices[0][0], None)
-    hu = np.empty((len(slices),) + first.shape, np.int16)
+    """Volume of ``decode(path, slice of the volume) -> stored`` over the sorted slices,
+    as int16 HU."""
+    slices, shape = _sorted_slices(folder)
+    hu = np.empty((len(slices),) + shape, np.int16)
     for i, (path, slope, intercept) in enumerate(slices):
-        stored = decode(path, hu[i])
-        _rescale(stored, slope, intercept, hu[i])
+        _rescale(decode(path, hu[i]), slope, intercept, hu[i])
     return hu
 
 
-def _dicomsdl_decode(path: str, out: np.ndarray | None) -> np.ndarray:
+def _dicomsdl_decode(path: str, out: np.ndarray) -> np.ndarray:
     import dicomsdl
 
     ds = dicomsdl.open(path)
-    dtype = np.dtype(ds.getPixelDataInfo()["dtype"])
-    if out is None:
-        return ds.pixelData(storedvalue=True)
-    stored = out.view(dtype)
+    stored = out.view(np.dtype(ds.getPixelDataInfo()["dtype"]))
     ds.copyFrameData(0, stored)
     return stored
 
 
-def _imagecodecs_decode(syntax: str) -> Callable[[str, np.ndarray | None], np.ndarray]:
+def _imagecodecs_decode(syntax: str) -> Callable[[str, np.ndarray], np.ndarray]:
     import imagecodecs
 
-    def decode(path: str, out: np.ndarray | None) -> np.ndarray:
-        frame = _frame(path)
+    def decode(path: str, out: np.ndarray) -> np.ndarray:
+        frame, raw = _frame(path), out.view(np.uint16)
         if syntax == SYNTAXES["rle"]:
-            if out is None:  # the first call only learns the shape
-                return _dicomsdl_decode(path, None)
             imagecodecs.dicomrle_decode(frame, dtype="<u2", out=memoryview(out).cast("B"))
-            return out.view(np.uint16)
-        raw = None if out is None else out.view(np.uint16)
-        if syntax == SYNTAXES["jpeg2000"]:
-            return imagecodecs.jpeg2k_decode(frame, numthreads=1, out=raw)
-        return imagecodecs.jpeg8_decode(frame, out=raw)
+        elif syntax == SYNTAXES["jpeg2000"]:
+            imagecodecs.jpeg2k_decode(frame, numthreads=1, out=raw)
+        else:
+            imagecodecs.jpeg8_decode(frame, out=raw)
+        return raw
     return decode
 
 
-def _gdcm_decode(path: str, out: np.ndarray | None) -> np.ndarray:
+def _gdcm_decode(path: str, out: np.ndarray) -> np.ndarray:
     import gdcm
 
     reader = gdcm.ImageReader()
@@ -295,13 +289,12 @@ def _gdcm_decode(path: str, out: np.ndarray | None) -> np.ndarray:
     if not reader.Read():
         raise RuntimeError(f"{path}: gdcm cannot read it")
     image = reader.GetImage()
-    cols, rows = image.GetDimensions()[:2]
     dtype = np.int16 if image.GetPixelFormat().GetPixelRepresentation() else np.uint16
     return np.frombuffer(image.GetBuffer().encode("utf-8", "surrogateescape"),
-                         dtype).reshape(rows, cols)
+                         dtype).reshape(out.shape)
 
 
-def _pylibjpeg_decode(path: str, out: np.ndarray | None) -> np.ndarray:
+def _pylibjpeg_decode(path: str, out: np.ndarray) -> np.ndarray:
     import pydicom
 
     ds = pydicom.dcmread(path)

@@ -915,12 +915,18 @@ def _decode_pydicom(header: SliceHeader, out: np.ndarray) -> None:
 
 # --- Dispatch ---------------------------------------------------------------------------
 
+def _decode_imagecodecs(header: SliceHeader, out: np.ndarray) -> None:
+    if header.transfer_syntax == RLE_SYNTAX:
+        _decode_rle(header, out)
+    elif header.transfer_syntax == J2K_LOSSLESS_SYNTAX:
+        _decode_j2k(header, out)
+    else:
+        _decode_jpeg_lossless(header, out, _imagecodecs_jpeg)
+
+
 _FAST_DECODERS: dict[str, Callable[[SliceHeader, np.ndarray], None]] = {
     "native": _decode_native,
-    "imagecodecs": lambda h, out: (_decode_jpeg_lossless(h, out, _imagecodecs_jpeg)
-                                   if h.transfer_syntax in JPEG_LOSSLESS_SYNTAXES
-                                   else _decode_rle(h, out) if h.transfer_syntax == RLE_SYNTAX
-                                   else _decode_j2k(h, out)),
+    "imagecodecs": _decode_imagecodecs,
     "dicomsdl": lambda h, out: _decode_jpeg_lossless(h, out, _dicomsdl_jpeg(h)),
 }
 
