@@ -179,7 +179,7 @@ def _numbers(raw: Any) -> tuple[float, ...] | None:
     """
     if raw is None:
         return None
-    text = (raw.decode("latin-1") if isinstance(raw, bytes) else _text(raw)).strip(" \x00")
+    text = _text(raw).strip(" \x00")
     if not text:
         return ()
     try:
