@@ -1,19 +1,24 @@
 """Read one DICOM slice: a cheap header pass, then pixel decoding straight into HU.
 
-Decoder per transfer syntax (one core, 512x512 CT slices; ``python -m common.bench``
-measures load_study beside every installed decoder on the same files):
+Decoder per transfer syntax. Rates relative to the fastest installed decoder, each in
+a tight loop on one core (``python -m common.bench``: 300 slices of 512 x 512):
 
-| syntax                  | used here                                | why                        |
-| ----------------------- | ---------------------------------------- | -------------------------- |
-| Explicit / Implicit LE  | one read straight into the volume        | no decoder needed          |
-| JPEG Lossless .57 / .70 | imagecodecs (libjpeg-turbo 3), else      | fastest; dicomsdl ~0.8x,   |
-|                         | dicomsdl, each after validation          | gdcm ~0.5x, pylibjpeg 0.2x |
-| RLE Lossless            | imagecodecs ``dicomrle_decode``          | ~dicomsdl's speed, and it  |
-|                         |                                          | raises where dicomsdl dies |
-| JPEG 2000 Lossless .90  | imagecodecs ``jpeg2k_decode`` (OpenJPEG) | as fast as gdcm/dicomsdl   |
-| JPEG 2000 .91           | pydicom (its gdcm plugin)                | may be irreversible: only  |
-|                         |                                          | the reference decoder is   |
-|                         |                                          | bit-identical to itself    |
+| syntax                  | used here                            | measured (fastest = 1)      |
+| ----------------------- | ------------------------------------ | --------------------------- |
+| Explicit / Implicit LE  | one read straight into the volume    | dicomsdl 1, gdcm 0.05,      |
+|                         |                                      | pydicom 0.03-0.06           |
+| JPEG Lossless .57 / .70 | imagecodecs (libjpeg-turbo 3), else  | imagecodecs 1, dicomsdl     |
+|                         | dicomsdl, each after validation      | 0.6-0.7, gdcm 0.4-0.5,      |
+|                         |                                      | pylibjpeg 0.2               |
+| RLE Lossless            | imagecodecs ``dicomrle_decode``      | imagecodecs 1, dicomsdl     |
+|                         |                                      | 0.7-0.8 (dies on corrupt    |
+|                         |                                      | data), pylibjpeg 0.4-0.5,   |
+|                         |                                      | gdcm 0.05                   |
+| JPEG 2000 .90           | imagecodecs ``jpeg2k_decode``        | all four 0.9-1 (OpenJPEG in |
+|                         | (numthreads=1: slices run in threads)| each)                       |
+| JPEG 2000 .91           | pydicom (its gdcm plugin)            | may be irreversible: only   |
+|                         |                                      | the reference decoder is    |
+|                         |                                      | bit-identical to itself     |
 
 Anything else, and any slice a fast path cannot read for a reason other than corrupt
 data, goes to pydicom. Every path yields the stored values of
