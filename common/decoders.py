@@ -66,6 +66,7 @@ Robustness
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -667,6 +668,7 @@ def _jpeg_scan(frame: bytes, header: SliceHeader) -> _JpegScan:
                      dc_table=table, data_bytes=data_bytes, last_byte=last, zero_run=zero_run)
 
 
+@functools.lru_cache(maxsize=1)
 def _difference_categories() -> np.ndarray:
     """SSSS (bit length of |difference|) of each difference modulo 2**16: (65536,) uint8."""
     u = np.arange(65536)
@@ -674,7 +676,6 @@ def _difference_categories() -> np.ndarray:
     return np.frexp(magnitude.astype(np.float64))[1].astype(np.uint8)
 
 
-_CATEGORY = _difference_categories()
 _BITS_TABLES: dict[bytes, np.ndarray] = {}
 
 
@@ -694,7 +695,7 @@ def _bits_table(dc_table: bytes) -> np.ndarray:
                     lengths[symbol] = min(lengths[symbol], length)
             k += count
         cost = np.minimum(lengths + np.where(np.arange(17) < 16, np.arange(17), 0), 255)
-        table = cost.astype(np.uint8)[_CATEGORY]
+        table = cost.astype(np.uint8)[_difference_categories()]
         if len(_BITS_TABLES) > 64:  # many studies, many tables: keep the cache small
             _BITS_TABLES.clear()
         _BITS_TABLES[dc_table] = table
