@@ -185,6 +185,17 @@ def _numbers(raw: Any) -> tuple[float, ...] | None:
     """
     if raw is None:
         return None
+    if isinstance(raw, bytes):  # most values repeat from file to file (IOP, spacing...)
+        return _cached_numbers(raw)
+    return _parse_numbers(raw)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_numbers(raw: bytes) -> tuple[float, ...]:
+    return _parse_numbers(raw)
+
+
+def _parse_numbers(raw: Any) -> tuple[float, ...]:
     text = _text(raw).strip(" \x00")
     if not text:
         return ()
