@@ -468,7 +468,8 @@ def format_table(rows: list[dict]) -> str:
                            if k in DECODERS and k != best)
         lines.append(
             f"| {r['syntax']} | {r['mib']:.0f} | {r['decoder']} | {one['slices_per_s']:.0f} | "
-            f"{many['slices_per_s']:.0f} on {r['cores']} ({many['slices_per_s'] / one['slices_per_s']:.2f}x) | "
+            f"{many['slices_per_s']:.0f} on {r['cores']} "
+            f"({many['slices_per_s'] / one['slices_per_s']:.2f}x) | "
             f"{best} {b['slices_per_s']:.0f} | {one['slices_per_s'] / b['slices_per_s']:.2f}x | "
             f"{others} | {lo['naive']['slices_per_s']:.0f} | "
             f"{one['peak_bytes'] / one['int16_bytes']:.2f}, "

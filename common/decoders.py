@@ -824,7 +824,8 @@ def _j2k_siz(frame: bytes, header: SliceHeader) -> tuple[bool, int]:
     x, y, x0, y0 = (int.from_bytes(frame[k:k + 4], "big") for k in (8, 12, 16, 20))
     components, ssiz = int.from_bytes(frame[40:42], "big"), frame[42]
     precision = (ssiz & 0x7F) + 1
-    if (y - y0, x - x0) != (header.rows, header.cols) or components != 1 or not 9 <= precision <= 16:
+    if (y - y0, x - x0) != (header.rows, header.cols) or components != 1 \
+            or not 9 <= precision <= 16:
         raise ValueError(f"J2K codestream {y - y0}x{x - x0}, {components} component(s), "
                          f"{precision} bits does not fit the header")
     return bool(ssiz & 0x80), precision
@@ -949,7 +950,8 @@ _FAST_DECODERS: dict[str, Callable[[SliceHeader, np.ndarray], None]] = {
 
 
 def _imagecodecs_has(codec: str) -> bool:
-    return imagecodecs is not None and getattr(getattr(imagecodecs, codec, None), "available", False)
+    return imagecodecs is not None \
+        and getattr(getattr(imagecodecs, codec, None), "available", False)
 
 
 def fast_path(header: SliceHeader) -> str:
