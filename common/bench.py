@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help=f"comma-separated subset of {', '.join(SYNTAXES)}")
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
                         help="CPU cores for the all-cores load_study run (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is kept")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds of timed runs (one per loader each); the median is kept")
     parser.add_argument("--child", nargs=3, metavar=("LOADER", "FOLDER", "SYNTAX"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
