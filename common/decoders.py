@@ -652,7 +652,7 @@ def _scan_data(frame: bytes, start: int, restarts: bool) -> tuple[int, int, bool
     if stuffed + rst != len(after_ff):
         raise _CorruptPixelData(f"{len(after_ff) - stuffed - rst} marker(s) inside the JPEG "
                                 "entropy-coded data")
-    last = 0xFF if len(after_ff) and data[-1] == 0 and data[-2] == 0xFF \
+    last = 0xFF if len(data) >= 2 and data[-1] == 0 and data[-2] == 0xFF \
         else int(data[-1]) if len(data) else 0xFF
     return len(data) - stuffed - 2 * rst, last, frame.find(_ZERO_RUN, start, end) >= 0
 
@@ -913,7 +913,13 @@ def _decode_pydicom(header: SliceHeader, out: np.ndarray) -> None:
     """pydicom's decode, with the JPEG Lossless checks that its decoders lack."""
     scan = None
     if header.transfer_syntax in JPEG_LOSSLESS_SYNTAXES and header.pixel_offset >= 0:
-        scan = _jpeg_scan(_read_frame(header), header)
+        try:
+            scan = _jpeg_scan(_read_frame(header), header)
+        except _CorruptPixelData:
+            raise
+        except Exception as exc:  # e.g. the file vanished: name it, do not crash the study
+            raise DicomReadError(header.path, f"cannot check its JPEG stream "
+                                              f"({type(exc).__name__}: {exc})") from exc
     try:
         stored = _stored_pydicom(header)
     except Exception as exc:

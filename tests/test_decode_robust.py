@@ -187,6 +187,27 @@ def test_corrupt_jpeg_lossless_slice_is_refused(tmp_path, ct_slices, jpeg_backen
     assert len(study.dropped) == 1 and paths[2].name in study.dropped[0]
 
 
+@pytest.mark.parametrize("syntax", [JPEG_LOSSLESS, "1.2.840.10008.1.2.5",
+                                    "1.2.840.10008.1.2.4.90"])
+def test_random_damage_anywhere_never_escapes_as_another_error(tmp_path, syntax):
+    """Bytes overwritten anywhere in the encapsulated data (headers, tables, items):
+    load_study returns or raises DicomReadError naming the file, never anything else."""
+    hu = noisy_volume((1, 32, 32))
+    path = write_ct_series(tmp_path, hu, transfer_syntax=syntax)[0]
+    original = path.read_bytes()
+    start = original.rindex(b"\xe0\x7f\x10\x00")
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        data = bytearray(original)
+        pos = int(rng.integers(start, len(data) - 4))
+        data[pos:pos + int(rng.integers(1, 5))] = rng.bytes(4)[:len(data[pos:pos + 4])]
+        path.write_bytes(bytes(data))
+        try:
+            load_study(tmp_path)
+        except DicomReadError as exc:  # the file, or the folder when no slice is left
+            assert path.name in str(exc) or tmp_path.name in str(exc)
+
+
 def test_corrupt_jpeg_detection_rate_on_real_slice(real_ct_study, tmp_path):
     """Random 64-byte overwrites of a real 512x512 slice stored as signed 16-bit, where
     no value is impossible: at least 95% must be refused (measured: 197 of 200)."""
