@@ -844,7 +844,7 @@ def _check_j2k_tile_parts(frame: bytes) -> None:
                                 "(truncated or overwritten)")
     eoc, pos = end - 2, 2
     while frame[pos:pos + 2] != b"\xff\x90":  # main header segments, up to the first SOT
-        if frame[pos] != 0xFF or pos + 4 > eoc:
+        if pos + 4 > eoc or frame[pos] != 0xFF:
             raise _CorruptPixelData(f"corrupt JPEG 2000 main header at byte {pos}")
         pos += 2 + int.from_bytes(frame[pos + 2:pos + 4], "big")
     while pos < eoc:
