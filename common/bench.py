@@ -15,10 +15,10 @@ in a fresh subprocess pinned to its CPUs, on the same files in the same run:
 
 Every loader must yield the same HU (compared slice by slice, order-free, since the
 naive loop sorts by file name). Loaders take turns, one run each per round (after a
-warm-up on two files), and rates are the median over ``--repeats`` rounds, in slices
-per second of wall clock; the table prints the highest load average seen, since other
-jobs on the machine slow every loader alike. 1-core runs use the last CPU of the
-process's affinity mask.
+warm-up on a few files), and rates are the median over ``--repeats`` rounds, in slices
+per second of wall clock; the 1-core ratio is also given per CPU-second, which other
+jobs on a shared machine disturb less, and the table prints the highest load average
+seen. 1-core runs use the last CPU of the process's affinity mask.
 
 Peak memory is the growth of the process's resident set (VmHWM after resetting it via
 /proc/self/clear_refs, minus VmRSS before the load), so it counts C-library buffers
@@ -368,17 +368,19 @@ def _measure(loader: str, folder: str, syntax: str, workers: int, repeats: int) 
     import pydicom  # noqa: F401
 
     _warm_up(loader, folder, syntax, workers)
-    times, peak = [], 0
+    times, cpu_times, peak = [], [], 0
     for _ in range(repeats):
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         rss0 = _proc_status_kb("VmRSS")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         hu = run_loader(loader, folder, syntax, workers)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         peak = max(peak, (_proc_status_kb("VmHWM") - rss0) * 1024)
         shape, digest = hu.shape, slice_digest(hu)
         del hu
-    return dict(slices_per_s=shape[0] / float(np.median(times)), peak_bytes=peak,
+    return dict(slices_per_s=shape[0] / float(np.median(times)),
+                slices_per_cpu_s=shape[0] / float(np.median(cpu_times)), peak_bytes=peak,
                 int16_bytes=int(np.prod(shape)) * 2, digest=digest, load_avg=os.getloadavg()[0])
 
 
@@ -399,6 +401,7 @@ def _combine(runs: list[dict]) -> dict:
     """One loader's rounds: median rate, largest peak and load, the digest if they agree."""
     digests = {r["digest"] for r in runs}
     return dict(slices_per_s=float(np.median([r["slices_per_s"] for r in runs])),
+                slices_per_cpu_s=float(np.median([r["slices_per_cpu_s"] for r in runs])),
                 peak_bytes=max(r["peak_bytes"] for r in runs), int16_bytes=runs[0]["int16_bytes"],
                 digest=digests.pop() if len(digests) == 1 else "differs between runs",
                 load_avg=max(r["load_avg"] for r in runs))
@@ -457,7 +460,8 @@ def _best_decoder(loaders: dict[str, dict]) -> tuple[str, dict]:
 def format_table(rows: list[dict]) -> str:
     """Markdown table: slices/s (median), load_study / best decoder on 1 core, memory."""
     lines = ["| syntax | MiB | load_study decoder | load_study 1 core | load_study all cores "
-             "(speed-up) | best decoder, 1 core | load_study / best | other decoders | naive "
+             "(speed-up) | best decoder, 1 core | load_study / best (per CPU-s) | other "
+             "decoders | naive "
              "pydicom | peak / int16 vol (load_study 1 core, all cores; naive) | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -470,7 +474,8 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['syntax']} | {r['mib']:.0f} | {r['decoder']} | {one['slices_per_s']:.0f} | "
             f"{many['slices_per_s']:.0f} on {r['cores']} "
             f"({many['slices_per_s'] / one['slices_per_s']:.2f}x) | "
-            f"{best} {b['slices_per_s']:.0f} | {one['slices_per_s'] / b['slices_per_s']:.2f}x | "
+            f"{best} {b['slices_per_s']:.0f} | {one['slices_per_s'] / b['slices_per_s']:.2f}x "
+            f"({one['slices_per_cpu_s'] / b['slices_per_cpu_s']:.2f}x) | "
             f"{others} | {lo['naive']['slices_per_s']:.0f} | "
             f"{one['peak_bytes'] / one['int16_bytes']:.2f}, "
             f"{many['peak_bytes'] / many['int16_bytes']:.2f}; "

@@ -35,8 +35,8 @@ def test_measure_and_table(tmp_path):
                                               ("dicomsdl", "dicomsdl", 1),
                                               ("gdcm", "gdcm", 1), ("naive", "naive", 1)]}
     assert len({r["digest"] for r in loaders.values()}) == 1
-    assert all(r["slices_per_s"] > 0 and r["int16_bytes"] == 4 * 16 * 16 * 2
-               for r in loaders.values())
+    assert all(r["slices_per_s"] > 0 and r["slices_per_cpu_s"] > 0
+               and r["int16_bytes"] == 4 * 16 * 16 * 2 for r in loaders.values())
     table = bench.format_table([dict(syntax="explicit-le", mib=0.01, decoder="native",
                                      cores=2, loaders=loaders)])
     assert "| explicit-le |" in table and "load_study / best" in table
