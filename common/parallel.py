@@ -17,6 +17,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
+from common.dicom import DECODE_WORKERS_ENV
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -31,7 +33,8 @@ def die_with_parent() -> None:
 
 def _init_worker(initializer: Callable[[], None] | None) -> None:
     die_with_parent()
-    os.environ["OMP_NUM_THREADS"] = "1"  # read by decoders and BLAS started from here on
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by BLAS started from here on
+    os.environ[DECODE_WORKERS_ENV] = "1"  # and by common.dicom.default_workers: one decoding thread
     try:
         import torch
 
