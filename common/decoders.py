@@ -124,6 +124,18 @@ def _number(value: Any, default: float) -> float:
         return default
 
 
+def _rescale_slope(path: str, value: Any) -> float:
+    """RescaleSlope; 1.0 when absent, and 1.0 with a warning naming the file when it is blank,
+    not a number, zero or not finite (a zero slope would make the slice one constant value)."""
+    if value is None:
+        return 1.0
+    slope = _number(value, float("nan"))
+    if slope != 0 and np.isfinite(slope):
+        return slope
+    LOG.warning("%s: RescaleSlope %r is not a usable number; using 1.0", path, value)
+    return 1.0
+
+
 def _header_from_values(path: str, v: dict[str, Any], has_pixels: bool,
                         pixel_offset: int = -1) -> SliceHeader:
     image_type = v["ImageType"]
@@ -147,7 +159,7 @@ def _header_from_values(path: str, v: dict[str, Any], has_pixels: bool,
         pixel_representation=int(_number(v["PixelRepresentation"], 0)),
         samples_per_pixel=int(_number(v["SamplesPerPixel"], 1)),
         n_frames=int(_number(v["NumberOfFrames"], 1)),
-        slope=_number(v["RescaleSlope"], 1.0),
+        slope=_rescale_slope(path, v["RescaleSlope"]),
         intercept=_number(v["RescaleIntercept"], 0.0),
         has_pixels=has_pixels,
         pixel_offset=pixel_offset,
@@ -184,6 +196,8 @@ def _header_pydicom(path: str) -> SliceHeader:
             raise
     meta = getattr(ds, "file_meta", None)
     values = {k: ds.get(k) for k in _HEADER_KEYWORDS}
+    if values["RescaleSlope"] is None and "RescaleSlope" in ds:
+        values["RescaleSlope"] = ""  # present but blank (pydicom reads it as None, like an absent one)
     values["TransferSyntaxUID"] = meta.get("TransferSyntaxUID") if meta is not None else None
     return _header_from_values(path, values, "PixelData" in ds)
 
