@@ -131,12 +131,20 @@ def save_crop(path: str | Path, result: StackResult) -> None:
                     np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def _read_mask(path: Path) -> tuple[np.ndarray, tuple[int, ...], np.ndarray | None]:
+    """(probs, volume shape, region) of a stage-1 mask file; a damaged file raises naming it."""
+    try:
+        with np.load(path) as npz:
+            region = npz["region"] if "region" in npz else None
+            return npz["probs"], tuple(int(v) for v in npz["shape"]), region
+    except Exception as exc:  # zipfile, zlib and numpy each raise their own type, none naming the file
+        raise ValueError(f"{path}: cannot read the stage-1 mask ({type(exc).__name__}: {exc})") from exc
+
+
 def crop_study(job: CropJob) -> tuple[str, str, str]:
     """Build and write one study's crops; returns (uid, "written" | "failed", message)."""
     try:
-        with np.load(job.mask_path) as npz:
-            probs, shape = npz["probs"], tuple(int(v) for v in npz["shape"])
-            region = npz["region"] if "region" in npz else None
+        probs, shape, region = _read_mask(job.mask_path)
         study = load_study(job.study_dir, tolerant=True, uid=job.uid)
         if study.hu.shape != shape:
             raise ValueError(f"{job.study_dir}: volume shape {study.hu.shape} differs from the "

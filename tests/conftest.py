@@ -76,3 +76,20 @@ def real_ct_transcoded(real_ct_dir: Path, tmp_path_factory) -> dict[str, Path]:
         for path in sorted(fixed.iterdir()):
             transcode_file(path, folders[name] / path.name, syntax)
     return folders
+
+
+# --- Bad-input catalogue: its table at the end of the session --------------------------
+
+def pytest_terminal_summary(terminalreporter):
+    """Print ``component | input | outcome`` for every catalogue case that ran (none: nothing)."""
+    import sys
+
+    # Found among the imported modules, so a session without the catalogue never imports it.
+    module = next((m for name, m in list(sys.modules.items()) if name.endswith("test_bad_input_catalogue")), None)
+    rows = getattr(module, "CATALOGUE", None)
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    terminalreporter.section(f"bad input catalogue: {len(rows)} cases")
+    for component, given, outcome in rows:
+        terminalreporter.write_line(f"{component:<{widths[0]}} | {given:<{widths[1]}} | {outcome}")
