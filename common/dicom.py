@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.decoders import DicomReadError, SliceHeader, decode_into, read_header
+from common.decoders import decode_into
+from common.dicom_header import DicomReadError, SliceHeader, read_header
 
 __all__ = ["Study", "DicomReadError", "load_study", "default_workers", "DECODE_WORKERS_ENV",
            "MAX_SLICE_SIDE", "MAX_STUDY_VOXELS"]

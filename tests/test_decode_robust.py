@@ -20,7 +20,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.encaps import encapsulate
 from pydicom.tag import Tag
 
-from common import decoders, dicom
+from common import decoders, dicom, dicom_header, jpeg_lossless
 from tooling.dicom_writer import write_ct_series
 from common.dicom import DicomReadError, load_study
 
@@ -47,6 +47,7 @@ def set_raw_element(path: Path, keyword: str, raw: bytes) -> None:
 def header_reader(request, monkeypatch):
     """Run the test with each header reader: dicomsdl (a dependency) or pydicom alone."""
     if request.param == "pydicom":
+        monkeypatch.setattr(dicom_header, "dicomsdl", None)
         monkeypatch.setattr(decoders, "dicomsdl", None)
     return request.param
 
@@ -80,7 +81,7 @@ def test_both_header_readers_agree_on_every_quirk(tmp_path, keyword, raw):
     path = write_ct_series(tmp_path, noisy_volume((1, 24, 20)))[0]
     set_raw_element(path, keyword, raw)
     outcomes = []
-    for reader in (decoders._header_dicomsdl, decoders._header_pydicom):
+    for reader in (dicom_header._header_dicomsdl, dicom_header._header_pydicom):
         try:
             outcomes.append(comparable(reader(str(path))))
         except DicomReadError as exc:
@@ -218,7 +219,7 @@ def test_corrupt_jpeg_detection_rate_on_real_slice(real_ct_study, tmp_path):
     for seed in range(40):
         paths[0].write_bytes(original)
         corrupt(paths[0], "random", seed)
-        header = decoders.read_header(str(paths[0]))
+        header = dicom_header.read_header(str(paths[0]))
         try:
             decoders.decode_into(header, np.empty((512, 512), np.int16))
         except DicomReadError:
@@ -256,12 +257,13 @@ def test_bit_accounting_matches_the_stream_length():
     exactly its entropy-coded length; other samples (same Huffman table) do not."""
     rng = np.random.default_rng(3)
     stored = rng.integers(0, 65535, (32, 48)).astype(np.uint16)
-    scan = decoders._jpeg_scan(encode_frame(stored, 1, 16), SimpleNamespace(rows=32, cols=48))
+    scan = jpeg_lossless._jpeg_scan(encode_frame(stored, 1, 16),
+                                    SimpleNamespace(rows=32, cols=48))
     assert scan.lossless and scan.precision == 16 and scan.data_bytes > 0
-    assert decoders._stream_balances(stored, scan)
+    assert jpeg_lossless._stream_balances(stored, scan)
     other = np.random.default_rng(4).integers(0, 65535, (32, 48)).astype(np.uint16)
-    assert not decoders._stream_balances(other, scan)
-    assert not decoders._stream_balances(np.zeros_like(stored), scan)
+    assert not jpeg_lossless._stream_balances(other, scan)
+    assert not jpeg_lossless._stream_balances(np.zeros_like(stored), scan)
 
 
 def rle_fragment_span(path: Path) -> tuple[int, int]:

@@ -10,7 +10,8 @@ import pydicom
 import pytest
 
 from tooling.dicom_writer import write_ct_series
-from common.decoders import fast_path, read_header
+from common.decoders import fast_path
+from common.dicom_header import read_header
 from common.dicom import DicomReadError, load_study
 
 EXPLICIT = "1.2.840.10008.1.2.1"

@@ -313,7 +313,8 @@ def measure_syntax(folder: Path, syntax: str, cores: int, repeats: int) -> dict[
 
 def run(slices: int, size: int, syntaxes: list[str], cores: int, repeats: int) -> list[dict]:
     """Build one study per syntax in a temp dir, measure every loader, return the rows."""
-    from common.decoders import fast_path, read_header
+    from common.decoders import fast_path
+    from common.dicom_header import read_header
 
     vol, source = bench_volume(slices, size)
     print(f"volume {vol.shape} int16 = {vol.nbytes / 2**20:.0f} MiB from {source}; "
