@@ -2,7 +2,7 @@
 (``common.dicom_header``).
 
 Decoder per transfer syntax. Rates relative to the fastest installed decoder, each in
-a tight loop on one core (``python -m common.bench``: 300 slices of 512 x 512):
+a tight loop on one core (``python -m tooling.bench.decode``: 300 slices of 512 x 512):
 
 | syntax                  | used here                            | measured (fastest = 1)      |
 | ----------------------- | ------------------------------------ | --------------------------- |
