@@ -63,7 +63,8 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.01      # the cosine ends at lr * min_lr_ratio
     grad_clip: float = 1.0          # max gradient norm; 0 turns clipping off
-    amp: bool = True                # mixed precision where it runs natively (common.device)
+    amp: bool = True                # mixed precision on CUDA (common.device)
+    cpu_bf16: bool = False          # bf16 autocast on CPUs that run it natively: faster, not bit-reproducible
     num_workers: int = 2
     seed: int = 42
     ema_decay: float = 0.0          # EMA of the weights used for validation and inference; 0: off
@@ -218,7 +219,7 @@ class _Loop:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
-        self.amp = cfg.amp and amp_available(self.device)
+        self.amp = cfg.amp and amp_available(self.device, cfg.cpu_bf16)
         self.scaler = make_scaler(self.device, self.amp)
         self.ema = None
         if cfg.ema_decay > 0:

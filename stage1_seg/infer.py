@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from common.checkpoint import rebuild_model
-from common.device import autocast_context, choose_device
+from common.device import amp_available, autocast_context, choose_device
 from stage1_seg.config import PreprocessConfig, Stage1Config
 from stage1_seg.data import preprocess_hu
 from stage1_seg.model import as_model_input, build_model
@@ -33,7 +33,8 @@ class Stage1Ensemble:
     def __init__(self, checkpoints: Sequence[Path], device: torch.device | None = None,
                  flip_tta: bool = False, amp: bool = True) -> None:
         self.device = device or choose_device()
-        self.flip_tta, self.amp = flip_tta, amp
+        self.flip_tta = flip_tta
+        self.amp = amp and amp_available(self.device)  # CUDA only: CPU inference stays fp32
         self.models, configs = [], []
         for path in checkpoints:
             model, cfg = rebuild_model(path, "stage1", Stage1Config, build_model)

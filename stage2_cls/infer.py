@@ -22,7 +22,7 @@ import torch
 
 from common.checkpoint import rebuild_model
 from common.constants import PRED_CLIP
-from common.device import autocast_context, choose_device
+from common.device import amp_available, autocast_context, choose_device
 from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import prepare_images
 from stage2_cls.model import build_model, vertebra_probability
@@ -51,7 +51,7 @@ class Stage2Ensemble:
         if not checkpoints:
             raise FileNotFoundError("no stage-2 checkpoints given")
         self.device = device or choose_device()
-        self.amp = amp
+        self.amp = amp and amp_available(self.device)  # CUDA only: CPU inference stays fp32
         self.models: dict[int, list[torch.nn.Module]] = {1: [], 2: []}
         configs = []
         for path in checkpoints:

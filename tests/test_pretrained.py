@@ -119,7 +119,7 @@ def test_stage2_training_at_lr0_keeps_the_file_weights(fmt, tmp_path):
     data, work, _ = make_crop_data(tmp_path / "run", n_studies=4)
     cfg = tiny_config(**{"model.backbone": "convnext_atto", "model.pretrained": True, "model.weights_file": str(path),
                          "model.drop_path": 0.0, "train.lr": 0.0, "train.steps": 2, "train.eval_every": 2,
-                         "train.batch_size": 16})
+                         "train.batch_size": 16, "train.ema_decay": 0.0})  # an EMA's d*w + (1-d)*w rounds
     train2.run(cfg, data, work, fold=0)
     trained = load_checkpoint(work / "stage2" / cfg.run / "fold0" / "last.pt")["model"]
     backbone = {k.removeprefix("backbone."): v for k, v in trained.items() if k.startswith("backbone.")}
