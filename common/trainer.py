@@ -108,15 +108,22 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
 
 
 class StepSampler(Sampler[int]):
-    """``n_samples`` indices from consecutive seeded shuffles of ``range(length)``."""
+    """``n_samples`` indices from consecutive seeded shuffles of ``range(length)``.
 
-    def __init__(self, length: int, n_samples: int, seed: int) -> None:
+    With ``weights`` (length,), indices are drawn with replacement in proportion to
+    them instead (a dataset oversampling a rare class exposes ``sample_weights``).
+    """
+
+    def __init__(self, length: int, n_samples: int, seed: int, weights: np.ndarray | None = None) -> None:
         if length < 1:
             raise ValueError("the training set is empty")
         self.length, self.n_samples, self.seed = length, n_samples, seed
+        self.weights = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng(self.seed)
+        if self.weights is not None:
+            return iter(rng.choice(self.length, size=self.n_samples, p=self.weights).tolist())
         passes = -(-self.n_samples // self.length)
         order = np.concatenate([rng.permutation(self.length) for _ in range(passes)])
         return iter(order[: self.n_samples].tolist())
@@ -153,7 +160,8 @@ def training_loader(dataset: Dataset, cfg: TrainConfig, n_steps: int, seed: int,
     seed_everything(seed)
     reseed_dataset(dataset, seed)
     return DataLoader(dataset, batch_size=cfg.batch_size, drop_last=True,
-                      sampler=StepSampler(len(dataset), n_steps * cfg.batch_size, seed),
+                      sampler=StepSampler(len(dataset), n_steps * cfg.batch_size, seed,
+                                          getattr(dataset, "sample_weights", None)),
                       num_workers=cfg.num_workers, pin_memory=pin_memory,
                       worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed))
 

@@ -159,7 +159,7 @@ class VertebraDataset(Dataset):
     """
 
     def __init__(self, store: CropStore, labels: np.ndarray | None, train: bool,
-                 augment: "StackAugmenter | None" = None) -> None:
+                 augment: "StackAugmenter | None" = None, positive_oversampling: float = 1.0) -> None:
         n = len(store.uids)
         self.store, self.augment = store, augment
         self.labels = np.zeros((n, N_VERTEBRAE), np.float32) if labels is None \
@@ -168,6 +168,14 @@ class VertebraDataset(Dataset):
             raise ValueError(f"labels must have shape ({n}, 7), got {self.labels.shape}")
         keep = ~store.missing if train else np.ones_like(store.missing)
         self.items = np.argwhere(keep)  # (M, 2): study index, vertebra, study-major order
+        # Fractured vertebrae are drawn ``positive_oversampling`` times as often and weigh that much
+        # less in the loss: the expected loss is unchanged, but far more batches hold a fracture.
+        positive = self.labels[self.items[:, 0], self.items[:, 1]] > 0.5
+        if not positive_oversampling > 0:
+            raise ValueError(f"positive_oversampling must be positive, got {positive_oversampling}")
+        self.oversampling = float(positive_oversampling)
+        self.sample_weights = np.where(positive, self.oversampling, 1.0) if train and self.oversampling != 1.0 \
+            else None
         if train and store.missing.any():
             log.info("training skips %d missing vertebrae of %d", int(store.missing.sum()), store.missing.size)
 
@@ -186,6 +194,8 @@ class VertebraDataset(Dataset):
             stack = self.augment(stack)
         label = float(self.labels[i, v])
         weight = VERTEBRA_WEIGHT_POS if label > 0.5 else VERTEBRA_WEIGHT_NEG
+        if self.sample_weights is not None and label > 0.5:
+            weight /= self.oversampling
         return {"image": torch.from_numpy(np.ascontiguousarray(stack)),
                 "label": torch.tensor(label, dtype=torch.float32),
                 "weight": torch.tensor(weight, dtype=torch.float32),

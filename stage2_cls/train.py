@@ -93,7 +93,8 @@ class ClassifierTask:
     def datasets(self) -> tuple[VertebraDataset, VertebraDataset]:
         vertebrae = slice(0, len(VERTEBRAE))
         train = VertebraDataset(self._store(self.train_uids), self.train_labels[:, vertebrae], train=True,
-                                augment=StackAugmenter(self.cfg.augment))
+                                augment=StackAugmenter(self.cfg.augment),
+                                positive_oversampling=self.cfg.positive_oversampling)
         val = VertebraDataset(self._store(self.val_uids), self.val_labels[:, vertebrae], train=False)
         return train, val
 

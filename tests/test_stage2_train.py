@@ -124,6 +124,26 @@ def test_dataset_items_labels_weights_and_missing(tmp_path):
     assert (tmp_path / "decoded" / f"{uids[3]}.npy").is_file()
 
 
+def test_positive_oversampling_keeps_the_expected_loss(tmp_path):
+    """Fractures drawn k times as often weigh 1/k as much: sum of draw rate x loss weight is unchanged."""
+    _, work_dir, labels = make_crop_data(tmp_path)
+    store = CropStore(work_dir / "crops", labels[STUDY_COL].tolist())
+    y = labels[list(TARGETS[:7])].to_numpy()
+    plain, over = VertebraDataset(store, y, train=True), VertebraDataset(store, y, train=True, positive_oversampling=4)
+    assert plain.sample_weights is None and VertebraDataset(store, y, train=False, positive_oversampling=4).sample_weights is None
+    positive = y[over.items[:, 0], over.items[:, 1]] > 0.5
+    assert positive.any() and (~positive).any()
+    assert np.array_equal(over.sample_weights, np.where(positive, 4.0, 1.0))
+    plain_w = np.array([plain[j]["weight"].item() for j in range(len(plain))])
+    over_w = np.array([over[j]["weight"].item() for j in range(len(over))])
+    assert np.allclose(over_w[positive], plain_w[positive] / 4) and np.array_equal(over_w[~positive], plain_w[~positive])
+    rate = over.sample_weights / over.sample_weights.sum() * len(over)  # draws per item, relative to uniform
+    assert np.sum(rate * over_w * positive) / np.sum(rate * over_w) == pytest.approx(
+        np.sum(plain_w * positive) / np.sum(plain_w))
+    with pytest.raises(ValueError, match="positive_oversampling"):
+        VertebraDataset(store, y, train=True, positive_oversampling=0)
+
+
 def test_run_one_epoch_writes_metrics_and_oof(tmp_path, caplog):
     data_dir, work_dir, labels = make_crop_data(tmp_path)
     (work_dir / "crops" / "1.2.3.5.npz").unlink()  # a study without crops is skipped, not fatal

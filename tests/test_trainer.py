@@ -60,6 +60,14 @@ def test_steps_not_passes_over_the_data(tmp_path):
     assert len(drawn) == 12 and sorted(drawn[:5]) == list(range(5)) and sorted(drawn[5:10]) == list(range(5))
 
 
+def test_step_sampler_draws_in_proportion_to_weights():
+    weights = np.array([4.0, 1.0, 1.0, 1.0, 1.0])
+    drawn = np.array(list(StepSampler(length=5, n_samples=8000, seed=1, weights=weights)))
+    assert np.bincount(drawn, minlength=5)[0] / 8000 == pytest.approx(0.5, abs=0.02)
+    assert list(StepSampler(5, 50, seed=2, weights=weights)) == list(StepSampler(5, 50, seed=2, weights=weights))
+    assert list(StepSampler(5, 50, seed=2, weights=weights)) != list(StepSampler(5, 50, seed=3, weights=weights))
+
+
 def test_ema_weights_are_what_is_saved(tmp_path):
     cfg = TrainConfig(**{**CFG.__dict__, "ema_decay": 0.9})
     fit(ToyTask(), cfg, tmp_path, fold=0, full_config={})
