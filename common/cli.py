@@ -1,7 +1,7 @@
 """Command-line plumbing shared by every entry point.
 
 Each command takes ``--data-dir``, ``--work-dir``, ``--config`` and trailing
-dotted overrides (``train.epochs=3``). An entry point is two lines: parse with
+dotted overrides (``train.steps=3000``). An entry point is two lines: parse with
 :func:`parse_command` (which also sets up logging and loads the typed config),
 then call the plain ``run(...)`` function that does the work and is what the
 tests call.
@@ -52,7 +52,7 @@ def base_parser(description: str, default_config: str) -> argparse.ArgumentParse
                         help=f"YAML config (default: the shipped configs/{default_config})")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted config overrides, e.g. train.epochs=3")
+                        help="dotted config overrides, e.g. train.steps=3000")
     parser.set_defaults(default_config=default_config)
     return parser
 

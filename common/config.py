@@ -109,7 +109,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def replace(cfg: T, **changes: Any) -> T:
-    """A copy of ``cfg`` with dotted keys changed: ``replace(cfg, **{"train.epochs": 2})``."""
+    """A copy of ``cfg`` with dotted keys changed: ``replace(cfg, **{"train.steps": 2})``."""
     raw = to_dict(cfg)
     for key, value in changes.items():
         node = raw

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _OOF_NAME = re.compile(r"oof_fold(\d+)\.csv$")
 ENSEMBLE_JSON = "ensemble.json"
+TYPE2_FROM_VERTEBRAE = "type 2, overall from its vertebrae"  # the learned head's baseline
 
 
 class ReportError(FileNotFoundError):
@@ -109,6 +110,8 @@ def candidates(outputs: Mapping[str, np.ndarray], from_vertebrae: str) -> dict[s
     if "type2" in outputs:
         alone = {k: outputs[k] for k in ("type2", "overall2")}
         out["type 2"] = ({"types": [2], "overall": "type2"}, combine(alone, "type2", from_vertebrae))
+        out[TYPE2_FROM_VERTEBRAE] = ({"types": [2], "overall": "vertebrae"},
+                                     combine(alone, "vertebrae", from_vertebrae))
     if "type1" in outputs and "type2" in outputs:
         for rule in OVERALL_RULES:
             out[f"ensemble ({rule})"] = ({"types": [1, 2], "overall": rule}, combine(outputs, rule, from_vertebrae))
@@ -224,8 +227,10 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path,
     chosen = predictions[report["chosen"]]
     plot_roc(y, chosen, out / "roc_curves.png")
     plot_reliability(y, chosen, apply_calibration(chosen, report["calibration"]), out / "calibration.png")
+    # The submission runs the chosen candidate's model types only (type 1 alone, type 2 alone or both).
+    used = [r for r in runs if int(run_config(stage2_dir / r)["model"].get("type", 1)) in report["rule"]["types"]]
     write_json_atomic(stage2_dir / ENSEMBLE_JSON, {
-        "runs": runs, "overall": report["rule"]["overall"], "from_vertebrae": from_vertebrae,
+        "runs": used, "overall": report["rule"]["overall"], "from_vertebrae": from_vertebrae,
         "chosen": report["chosen"], "oof_score": report["score"], "calibration": report["calibration"]})
     return report
 

@@ -137,14 +137,19 @@ def test_type2_and_ensemble_compared_side_by_side_and_the_best_rule_kept(tmp_pat
     report = main(["--data-dir", str(data_dir), "--work-dir", str(work_dir), "--runs", "demo", "demo-type2",
                    "--config", str(config_path("demo/stage2.yaml"))])
     names = set(report["candidates"])
-    assert names == {"type 1", "type 2", "ensemble (vertebrae)", "ensemble (type2)", "ensemble (mean)"}
+    assert names == {"type 1", "type 2", "type 2, overall from its vertebrae", "ensemble (vertebrae)",
+                     "ensemble (type2)", "ensemble (mean)"}
     assert report["candidates"]["type 2"] == pytest.approx(competition_score(y, p2))
     assert report["score"] == min(report["candidates"].values())
     assert report["rule"]["overall"] in ("type2", "mean")  # the learned head beats the noisy-OR here
     per_label = pd.DataFrame(report["per_label"]).set_index("label")
     assert {"type 1 auc", "type 2 auc", "ensemble (type2) wlogloss"} <= set(per_label.columns)
     ensemble = json.loads((work_dir / "stage2" / "ensemble.json").read_text())
-    assert ensemble["runs"] == ["demo", "demo-type2"] and ensemble["overall"] == report["rule"]["overall"]
+    # The submission runs the chosen candidate's types only.
+    assert ensemble["runs"] == [r for r, t in (("demo", 1), ("demo-type2", 2)) if t in report["rule"]["types"]]
+    assert ensemble["overall"] == report["rule"]["overall"]
+    overall = per_label.loc["patient_overall"]
+    assert overall["type 2 wlogloss"] < overall["type 2, overall from its vertebrae wlogloss"]
 
 
 def test_read_oof_errors(tmp_path):

@@ -11,7 +11,10 @@ Figures (:func:`evaluate`), all on data the models were not tuned on:
   every study that had no mask (unsegmented training studies and test studies),
   as the fraction of vertebrae with z-IoU >= 0.7 and the mean;
 - stage 2: the out-of-fold competition score of the trained folds against the
-  best constant fitted on the same labels;
+  best constant fitted on the same labels (of the rule the report chose; with
+  type 2 trained too, the score of every candidate: each type alone and the
+  ensembles), and patient_overall's loss from type 2's learned head against the
+  noisy-OR of its own vertebra probabilities;
 - the submission's score on the hidden test labels against the constant train prior.
 """
 from __future__ import annotations
@@ -67,19 +70,29 @@ class Recipe:
     stage1: Stage1Config
     stage2: Stage2Config
     submission: make_submission.SubmissionConfig
+    stage2_type2: Stage2Config | None = None  # also train the whole-patient model and ensemble it
+
+    @property
+    def stage2_runs(self) -> list[Stage2Config]:
+        return [self.stage2] + ([self.stage2_type2] if self.stage2_type2 is not None else [])
 
     @classmethod
-    def demo(cls, overrides1: Sequence[str] = (), overrides2: Sequence[str] = ()) -> "Recipe":
+    def demo(cls, overrides1: Sequence[str] = (), overrides2: Sequence[str] = (),
+             type2: bool = False) -> "Recipe":
+        stage2 = load_config(Stage2Config, config_path("demo/stage2.yaml"), overrides2)
+        # Type 2 takes whole studies: batch 2 is 14 vertebrae a step, near type 1's 8 in cost.
+        stage2_type2 = load_config(Stage2Config, config_path("demo/stage2.yaml"),
+                                   ["model.type=2", f"run={stage2.run}-type2", "train.batch_size=2",
+                                    "train.val_batch_size=4", *overrides2]) if type2 else None
         return cls(load_config(Stage1Config, config_path("demo/stage1.yaml"), ["predict.folds=[0]", *overrides1]),
-                   load_config(Stage2Config, config_path("demo/stage2.yaml"), overrides2),
-                   load_config(make_submission.SubmissionConfig, config_path("demo/submission.yaml")))
+                   stage2, load_config(make_submission.SubmissionConfig, config_path("demo/submission.yaml")),
+                   stage2_type2)
 
 
 def run_recipe(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequence[int]) -> dict[str, Any]:
     """Make the dataset under ``root/data``, run every phase into ``root/work``; return the figures."""
     data, work = root / "data", root / "work"
     s1_dir = work / "stage1" / recipe.stage1.run
-    s2_dir = work / "stage2" / recipe.stage2.run
     phases: list[tuple[str, bool, Callable[[], Any]]] = [
         ("dataset", (data / "vertebra_slices.csv").is_file(),
          lambda: make_dataset(data, spec.n_train, spec.n_seg, spec.n_test, spec.size, spec.seed,
@@ -88,9 +101,11 @@ def run_recipe(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequ
          lambda: stage1_train.run(recipe.stage1, data, work, 0, resume=True)),
         ("stage 1 prediction", False, lambda: stage1_predict.run(recipe.stage1, data, work, ["train", "test"])),
         ("stage 2 crops", False, lambda: stage2_crop.run(recipe.stage2, data, work, "train")),
-        *[(f"stage 2 training, fold {k}", (s2_dir / f"fold{k}" / "metrics.json").is_file(),
-           lambda k=k: stage2_train.run(recipe.stage2, data, work, k, resume=True)) for k in stage2_folds],
-        ("stage 2 report", False, lambda: stage2_report.run(recipe.stage2, data, work)),
+        *[(f"stage 2 training, {cfg.run}, fold {k}", (work / "stage2" / cfg.run / f"fold{k}" / "metrics.json").is_file(),
+           lambda k=k, cfg=cfg: stage2_train.run(cfg, data, work, k, resume=True))
+          for cfg in recipe.stage2_runs for k in stage2_folds],
+        ("stage 2 report", False,
+         lambda: stage2_report.run(recipe.stage2, data, work, runs=[c.run for c in recipe.stage2_runs])),
         ("submission", False, lambda: make_submission.run(recipe.submission, data, work, root / "submission.csv")),
     ]
     seconds: dict[str, float] = {}
@@ -123,8 +138,22 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             "stage2_oof_ratio": report["score"] / report["constant_score"], "stage2_folds": report["folds"],
             "stage2_auc": {r["label"]: r[f"{report['chosen']} auc"] for r in report["per_label"]},
             "stage2_candidates": report["candidates"], "stage2_chosen": report["chosen"],
+            **overall_figures(report),
             "calibration": report["calibration"]["reason"],
             **submission_figures(data, root / "submission.csv")}
+
+
+def overall_figures(report: dict[str, Any]) -> dict[str, float]:
+    """patient_overall's weighted log loss: type 2's learned head (and the ensemble) against the
+    noisy-OR of the same type-2 run's vertebra probabilities, where type 2 was trained."""
+    rows = {r["label"]: r for r in report["per_label"]}.get(TARGETS[7], {})
+    figures = {name: rows[f"{name} wlogloss"] for name in report["candidates"] if f"{name} wlogloss" in rows}
+    out = {"overall_wlogloss": figures}
+    base = figures.get(stage2_report.TYPE2_FROM_VERTEBRAE)
+    if base:
+        learned = [v for k, v in figures.items() if k == "type 2" or k.startswith("ensemble")]
+        out["overall_learned_ratio"] = min(learned) / base if learned else float("nan")
+    return out
 
 
 def box_figures(data: Path, boxes_csv: Path) -> dict[str, float]:

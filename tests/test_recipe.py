@@ -1,0 +1,44 @@
+"""The recipe behind the demo and the recipe check, end to end on a tiny dataset with type 1 and type 2."""
+import json
+
+import pandas as pd
+import pytest
+
+from common.metric import validate_submission
+from tooling import recipe_check
+from tooling.recipe import DatasetSpec, Recipe, run_recipe
+
+TINY1 = ["preprocess.size=32", "model.decoder_channels=[16,16,8,8,8]", "train.steps=2", "train.eval_every=2",
+         "train.warmup_steps=1"]
+TINY2 = ["crop.size=32", "crop.n_slices=4", "model.lstm_hidden=8", "train.steps=2", "train.eval_every=2",
+         "train.warmup_steps=1", "train.val_batch_size=4"]
+
+
+@pytest.mark.slow
+def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
+    spec = DatasetSpec("tiny", n_train=10, n_seg=6, n_test=2, size=48, seed=5)
+    recipe = Recipe.demo(TINY1, TINY2, type2=True)
+    assert [c.run for c in recipe.stage2_runs] == ["demo", "demo-type2"]
+    assert recipe.stage2_type2.model.type == 2 and recipe.stage2_type2.train.batch_size == 2
+    result = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])
+    work = tmp_path / "tiny" / "work"
+    for run in ("demo", "demo-type2"):
+        assert {p.parent.name for p in (work / "stage2" / run).glob("fold*/metrics.json")} == {"fold0", "fold1"}
+    # Every figure the check prints, each a number in its range.
+    assert 0.0 <= result["stage1_dice"] <= 1.0 and 0.0 <= result["box_ziou_ge_0_7"] <= 1.0
+    assert set(result["stage2_candidates"]) >= {"type 1", "type 2", "type 2, overall from its vertebrae",
+                                                "ensemble (mean)"}
+    assert result["stage2_oof_score"] == min(result["stage2_candidates"].values())
+    assert result["overall_learned_ratio"] > 0
+    test = pd.read_csv(tmp_path / "tiny" / "data" / "test.csv", dtype=str)
+    validate_submission(pd.read_csv(tmp_path / "tiny" / "submission.csv", dtype={"row_id": str}), test["row_id"])
+    assert result["n_test_studies"] == 2 and result["submission_ratio"] > 0
+    ensemble = json.loads((work / "stage2" / "ensemble.json").read_text())
+    assert ensemble["chosen"] == result["stage2_chosen"]
+    # The table names every dataset and marks figures that miss their target.
+    table = recipe_check.format_table({"tiny": result})
+    assert "| figure | tiny | target |" in table and "type 2's head" in table and "(chosen: " in table
+    # Run again: training phases are skipped, the figures come back the same.
+    again = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])
+    assert not any(k.startswith(("stage 1 training", "stage 2 training")) for k in again["seconds"])
+    assert again["stage2_oof_score"] == pytest.approx(result["stage2_oof_score"])
