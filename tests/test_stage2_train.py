@@ -67,7 +67,7 @@ def tiny_config(**changes) -> Stage2Config:
     cfg = load_config(Stage2Config, config_path("demo/stage2.yaml"))
     return replace(cfg, **{"model.lstm_hidden": 8, "train.steps": 5, "train.eval_every": 5,
                            "train.warmup_steps": 1, "train.batch_size": 4, "train.val_batch_size": 8,
-                           "train.num_workers": 0, **changes})
+                           "train.num_workers": 0, "train.cpu_bf16": False, **changes})  # fp32 as inference
 
 
 def test_weighted_loss_matches_metric_weights_by_hand():
