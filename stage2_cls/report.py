@@ -75,8 +75,10 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     raise ReportError(f"{run_dir}: no fold*/config.yaml to tell the run's model type")
 
 
-def load_runs(stage2_dir: Path, runs: Sequence[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray], str]:
-    """(studies and folds every run predicted, per-type outputs on them, type 1's overall setting)."""
+def load_runs(stage2_dir: Path, runs: Sequence[str]
+              ) -> tuple[pd.DataFrame, dict[str, np.ndarray], str, dict[str, int]]:
+    """(studies and folds every run predicted, per-type outputs on them, type 1's overall setting,
+    each run's model type)."""
     frames, kinds, overall = {}, {}, "noisy_or"
     for name in runs:
         frames[name] = read_oof(stage2_dir / name).set_index(STUDY_COL)
@@ -98,7 +100,7 @@ def load_runs(stage2_dir: Path, runs: Sequence[str]) -> tuple[pd.DataFrame, dict
                 outputs["overall2"] = mean_logodds([frames[n].loc[common, TARGETS[7]].to_numpy(np.float64)
                                                     for n in names])
     first = frames[runs[0]].loc[common]
-    return pd.DataFrame({STUDY_COL: common, "fold": first["fold"].to_numpy()}), outputs, overall
+    return pd.DataFrame({STUDY_COL: common, "fold": first["fold"].to_numpy()}), outputs, overall, kinds
 
 
 def candidates(outputs: Mapping[str, np.ndarray], from_vertebrae: str) -> dict[str, tuple[dict, np.ndarray]]:
@@ -218,7 +220,7 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path,
     """Write the report and ``ensemble.json`` for ``runs`` (default: the config's run); returns the report."""
     runs = list(runs or [cfg.run])
     stage2_dir = Path(work_dir) / "stage2"
-    oof, outputs, from_vertebrae = load_runs(stage2_dir, runs)
+    oof, outputs, from_vertebrae, kinds = load_runs(stage2_dir, runs)
     report, y, predictions = build_report(oof, outputs, read_labels_csv(Path(data_dir) / "train.csv"),
                                           from_vertebrae)
     out = stage2_dir / "report"
@@ -228,7 +230,7 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path,
     plot_roc(y, chosen, out / "roc_curves.png")
     plot_reliability(y, chosen, apply_calibration(chosen, report["calibration"]), out / "calibration.png")
     # The submission runs the chosen candidate's model types only (type 1 alone, type 2 alone or both).
-    used = [r for r in runs if int(run_config(stage2_dir / r)["model"].get("type", 1)) in report["rule"]["types"]]
+    used = [r for r in runs if kinds[r] in report["rule"]["types"]]
     write_json_atomic(stage2_dir / ENSEMBLE_JSON, {
         "runs": used, "overall": report["rule"]["overall"], "from_vertebrae": from_vertebrae,
         "chosen": report["chosen"], "oof_score": report["score"], "calibration": report["calibration"]})

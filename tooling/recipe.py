@@ -150,7 +150,7 @@ def overall_figures(report: dict[str, Any]) -> dict[str, float]:
     figures = {name: rows[f"{name} wlogloss"] for name in report["candidates"] if f"{name} wlogloss" in rows}
     out = {"overall_wlogloss": figures}
     base = figures.get(stage2_report.TYPE2_FROM_VERTEBRAE)
-    if base:
+    if base is not None:
         learned = [v for k, v in figures.items() if k == "type 2" or k.startswith("ensemble")]
         out["overall_learned_ratio"] = min(learned) / base if learned else float("nan")
     return out
