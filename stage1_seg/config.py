@@ -51,8 +51,10 @@ class PredictConfig:
     folds: tuple[int, ...] = (0, 1, 2, 3, 4)
     checkpoint: str = "best.pt"
     flip_tta: bool = False
-    threshold: float = 0.2             # vertebra found
-    fallback_threshold: float = 0.05   # found only weakly
+    # A voxel belongs to the vertebra most probable there, if that probability reaches
+    # threshold (found) or only fallback_threshold (weak); see stage1_seg.boxes.
+    threshold: float = 0.2
+    fallback_threshold: float = 0.05
     min_voxels: int = 8
     splits: tuple[str, ...] = ("train",)  # "train" and/or "test"
 
