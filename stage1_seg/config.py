@@ -25,6 +25,10 @@ class ModelConfig:
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     pretrained: bool = False                   # 2D ImageNet weights (timm hub/cache) inflated to 3D (stage1.yaml: true)
     weights_file: Optional[str] = None         # local 2D timm state dict to inflate (offline); implies pretrained
+    # "sigmoid": seven independent C1..C7 maps (the winners'); "softmax": background + C1..C7
+    # compete at every voxel (each voxel is one vertebra, as in the RSNA masks), cross-entropy
+    # + Dice. Either way inference gives seven probability maps.
+    head: str = "sigmoid"
 
 
 @dataclass(frozen=True)

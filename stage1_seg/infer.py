@@ -15,7 +15,7 @@ from common.checkpoint import rebuild_model
 from common.device import amp_available, autocast_context, choose_device
 from stage1_seg.config import PreprocessConfig, Stage1Config
 from stage1_seg.data import preprocess_hu
-from stage1_seg.model import as_model_input, build_model
+from stage1_seg.model import as_model_input, build_model, class_probs
 
 
 def find_checkpoints(run_dir: Path, folds: Sequence[int], name: str = "best.pt") -> list[Path]:
@@ -28,7 +28,7 @@ def find_checkpoints(run_dir: Path, folds: Sequence[int], name: str = "best.pt")
 
 
 class Stage1Ensemble:
-    """Fold models rebuilt from their saved configs; mean of sigmoids, optional flip TTA."""
+    """Fold models rebuilt from their saved configs; mean of their C1..C7 probabilities, optional flip TTA."""
 
     def __init__(self, checkpoints: Sequence[Path], device: torch.device | None = None,
                  flip_tta: bool = False, amp: bool = True) -> None:
@@ -40,6 +40,7 @@ class Stage1Ensemble:
             model, cfg = rebuild_model(path, "stage1", Stage1Config, build_model)
             self.models.append(model.to(self.device))
             configs.append(cfg)
+        self.heads = [c.model.head for c in configs]
         self.config: Stage1Config = configs[0]
         self.preprocess: PreprocessConfig = configs[0].preprocess
         self.in_channels = configs[0].model.in_channels
@@ -55,12 +56,13 @@ class Stage1Ensemble:
         x = as_model_input(torch.from_numpy(cube).to(self.device)[None, None].expand(1, self.in_channels, -1, -1, -1))
         total = torch.zeros((7, *cube.shape), device=self.device)
         count = 0
-        for model in self.models[:n_models] if n_models else self.models:
+        chosen = slice(0, n_models) if n_models else slice(None)
+        for model, head in zip(self.models[chosen], self.heads[chosen]):
             views = [False, True] if self.flip_tta else [False]
             for flip in views:
                 inp = x.flip(-1) if flip else x
                 with autocast_context(self.device, self.amp):
-                    probs = torch.sigmoid(model(inp).float())[0]
+                    probs = class_probs(model(inp), head)[0]
                 total += probs.flip(-1) if flip else probs
                 count += 1
         return (total / count).cpu().numpy()

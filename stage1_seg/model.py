@@ -23,11 +23,28 @@ from stage1_seg.config import ModelConfig
 log = logging.getLogger(__name__)
 
 N_CLASSES = 7
+HEADS = ("sigmoid", "softmax")
 TIMM_PREFIX = "tu-"  # smp-3d's name for timm-3d encoders, the ones with a 2D timm twin to inflate
 
 
+def output_channels(cfg: ModelConfig) -> int:
+    """7 sigmoid maps, or background + 7 softmax classes."""
+    if cfg.head not in HEADS:
+        raise ValueError(f"model.head must be one of {HEADS}, got {cfg.head!r}")
+    return N_CLASSES + (cfg.head == "softmax")
+
+
+def class_probs(logits: torch.Tensor, head: str) -> torch.Tensor:
+    """Logits ``(B, 7 or 8, D, H, W)`` -> C1..C7 probabilities ``(B, 7, D, H, W)`` (float32)."""
+    logits = logits.float()
+    if head == "softmax":
+        return torch.softmax(logits, dim=1)[:, 1:]
+    return torch.sigmoid(logits)
+
+
 def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
-    """``(B, in_channels, D, H, W)`` -> logits ``(B, 7, D, H, W)``; D, H, W multiples of 32.
+    """``(B, in_channels, D, H, W)`` -> logits ``(B, 7, D, H, W)`` (``head`` softmax: 8, background
+    first); D, H, W multiples of 32.
 
     With ``pretrained_source`` (training) and ``cfg.pretrained`` or
     ``cfg.weights_file`` set, the encoder starts from inflated 2D ImageNet
@@ -40,7 +57,7 @@ def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
         import segmentation_models_pytorch_3d as smp
 
     model = smp.Unet(encoder_name=cfg.encoder, encoder_weights=None, in_channels=cfg.in_channels,
-                     classes=N_CLASSES, decoder_channels=tuple(cfg.decoder_channels),
+                     classes=output_channels(cfg), decoder_channels=tuple(cfg.decoder_channels),
                      encoder_depth=len(cfg.decoder_channels))
     # The classification head of the efficientnet-b* encoders is never run by the U-Net;
     # dropping it keeps DDP from waiting for gradients that never come.

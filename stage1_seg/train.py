@@ -28,21 +28,29 @@ from common.trainer import fit
 from stage1_seg.augment import mixup
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import SegDataset, prepare_cache, with_cervical_labels
-from stage1_seg.model import as_model_input, build_model, check_pretrained
+from stage1_seg.model import as_model_input, build_model, check_pretrained, class_probs
 
 log = logging.getLogger(__name__)
 _DICE = DiceLoss(mode="multilabel", from_logits=True, smooth=1.0)
+_DICE_PROBS = DiceLoss(mode="multilabel", from_logits=False, smooth=1.0)
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float, dice_weight: float) -> torch.Tensor:
-    """``bce_weight`` x BCE + ``dice_weight`` x soft Dice loss; logits and soft targets ``(B, 7, D, H, W)``.
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float, dice_weight: float,
+             head: str = "sigmoid") -> torch.Tensor:
+    """``bce_weight`` x cross-entropy + ``dice_weight`` x soft Dice loss; soft targets ``(B, 7, D, H, W)``.
 
-    The Dice term is smp's multilabel soft Dice (per class over the whole batch,
+    Sigmoid head (logits ``(B, 7, ...)``): per-class BCE. Softmax head (``(B, 8, ...)``, background
+    first): cross-entropy against the target with its background (1 - the vertebrae) added.
+    The Dice term is smp's multilabel soft Dice over C1..C7 (per class over the whole batch,
     smoothing 1), the batch-level soft Dice of the winners' stage 1.
     """
     logits = logits.float()
+    if head == "softmax":
+        background = (1 - target.sum(1, keepdim=True)).clamp(0, 1)
+        ce = F.cross_entropy(logits, torch.cat([background, target], dim=1))
+        return bce_weight * ce + dice_weight * _DICE_PROBS(class_probs(logits, head), target)
     bce = F.binary_cross_entropy_with_logits(logits, target)
     return bce_weight * bce + dice_weight * _DICE(logits, target)
 
@@ -84,7 +92,7 @@ def batch_loss(cfg: Stage1Config, model: nn.Module, batch: dict, device: torch.d
     """The training loss of one batch (``image`` (B, C, D, H, W), ``target`` (B, 7, D, H, W)), mixup included."""
     image, target = batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
     image, target = mixup(image, target, cfg.augment.mixup_p)
-    return seg_loss(model(as_model_input(image)), target, cfg.loss.bce_weight, cfg.loss.dice_weight)
+    return seg_loss(model(as_model_input(image)), target, cfg.loss.bce_weight, cfg.loss.dice_weight, cfg.model.head)
 
 
 class SegTask:
@@ -117,9 +125,10 @@ class SegTask:
     def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
         image, target = batch["image"].to(device), batch["target"].to(device)
         logits = model(as_model_input(image)).float()
-        out = dice_counts(torch.sigmoid(logits), target)
-        losses = [seg_loss(logits[i:i + 1], target[i:i + 1], self.cfg.loss.bce_weight, self.cfg.loss.dice_weight)
-                  for i in range(len(logits))]
+        head = self.cfg.model.head
+        out = dice_counts(class_probs(logits, head), target)
+        losses = [seg_loss(logits[i:i + 1], target[i:i + 1], self.cfg.loss.bce_weight, self.cfg.loss.dice_weight,
+                           head) for i in range(len(logits))]
         out["loss"] = torch.stack(losses).cpu().numpy()
         return out
 

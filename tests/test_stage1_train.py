@@ -66,6 +66,20 @@ def test_train_one_fold_writes_everything(data, tmp_path):
     assert again["predicted"] == 0 and again["skipped"] == 8  # resumable
 
 
+@pytest.mark.slow
+def test_softmax_head_trains_and_predicts_seven_maps(data, tmp_path):
+    cfg = _cfg("train.steps=2", "model.head=softmax", "run=tinysoft")
+    metrics = train.run(cfg, data, tmp_path, fold=0)
+    assert 0.0 <= metrics["mean_dice"] <= 1.0 and np.isfinite(metrics["val_loss"])
+    ckpt = load_checkpoint(tmp_path / "stage1" / "tinysoft" / "fold0" / "last.pt", stage="stage1")
+    assert ckpt["config"]["model"]["head"] == "softmax"
+    summary = predict.run(cfg, data, tmp_path, splits=["test"])
+    assert summary["failed"] == [] and summary["studies"] == 1
+    with np.load(next((tmp_path / "stage1" / "tinysoft" / "masks").glob("*.npz"))) as npz:
+        probs = npz["probs"].astype(np.int64)
+    assert probs.shape == (7, 32, 32, 32) and probs.sum(0).max() <= 255 + 7  # one distribution per voxel
+
+
 def _train_cmd(data, work, *extra):
     return [sys.executable, "-m", "stage1_seg.train", "--fold", "0", "--data-dir", str(data),
             "--work-dir", str(work), "--config", str(config_path("stage1.yaml")), *TINY, *extra]

@@ -3,13 +3,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from common.volume import crop_region, resample, resample_labels
 from stage1_seg.augment import augment_pair, mixup
 from stage1_seg.boxes import boxes_from_labels, vertebra_boxes, z_iou
 from stage1_seg.config import AugmentConfig, ModelConfig, PreprocessConfig
 from stage1_seg.data import preprocess_hu
-from stage1_seg.model import build_model
+from stage1_seg.model import build_model, class_probs
 from stage1_seg.train import dice_counts, dice_metrics, seg_loss
 
 
@@ -51,6 +52,21 @@ def test_losses_prefer_the_right_answer():
     dice_only = [seg_loss(x, target, 0.0, 1.0) for x in (good, bad)]
     assert dice_only[0] < 0.05 < 0.9 < dice_only[1]
     assert seg_loss(good, target, 0.5, 0.5) < seg_loss(bad, target, 0.5, 0.5)
+
+
+def test_softmax_head_loss_prefers_the_right_answer_and_gives_seven_maps():
+    labels = torch.randint(0, 8, (2, 8, 8, 8))                    # 0 background, 1..7 = C1..C7
+    onehot = F.one_hot(labels, 8).permute(0, 4, 1, 2, 3).float()
+    target = onehot[:, 1:]
+    good, bad = onehot * 12 - 6, (1 - onehot) * 12 - 6
+    losses = [seg_loss(x, target, 0.5, 0.5, "softmax") for x in (good, bad)]
+    assert losses[0] < 0.05 < 2.0 < losses[1]
+    probs = class_probs(good, "softmax")
+    assert probs.shape == (2, 7, 8, 8, 8) and float(probs.sum(1).max()) <= 1 + 1e-6
+    assert torch.equal(probs.argmax(1)[labels > 0] + 1, labels[labels > 0])
+    assert float(probs.sum(1)[labels == 0].max()) < 0.01            # background is nobody's vertebra
+    with pytest.raises(ValueError, match="model.head"):
+        build_model(ModelConfig(head="tanh"))
 
 
 def test_augment_keeps_shapes_and_alignment():

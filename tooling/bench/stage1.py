@@ -22,7 +22,7 @@ from common.trainer import make_scaler, train_step
 from configs import config_path
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import preprocess_hu
-from stage1_seg.model import build_model
+from stage1_seg.model import build_model, class_probs
 from stage1_seg.train import batch_loss
 
 
@@ -67,7 +67,7 @@ def predict_rate(cfg: Stage1Config, device: torch.device, amp: bool, studies: in
         _sync(device)
         t = time.perf_counter()
         with autocast_context(device, amp):
-            torch.sigmoid(model(x).float()).cpu()
+            class_probs(model(x), cfg.model.head).cpu()
         _sync(device)
         net += time.perf_counter() - t
     return studies / (time.perf_counter() - start), studies / net
