@@ -68,21 +68,19 @@ def _refined_z(probs: np.ndarray, c: int, level: float, component: np.ndarray,
     cannot stretch the range."""
     depth = probs.shape[1]
     footprint = component.any(axis=0)                      # (h, w) columns the blob occupies
-    planes = np.flatnonzero(component.any(axis=(1, 2)))
-    near = np.zeros(depth, bool)
-    near[max(0, planes[0] - 1): planes[-1] + 2] = True
+    inside = component[:, footprint]                       # (d, n): the blob, not other blobs of c
+    inside = ndimage.binary_dilation(inside, structure=np.ones((3, 1), bool))  # one voxel more along z
     slices, coord = _slice_coordinates(depth, int(region[0]), int(region[1]), n_slices)
     coord = np.clip(coord, 0, depth - 1)
     below = np.floor(coord).astype(np.int64)
     above = np.minimum(below + 1, depth - 1)
+    near = inside.any(axis=1)                              # (d,) planes the dilated blob reaches
     keep = near[below] | near[above]
     slices, coord, below, above = slices[keep], coord[keep], below[keep], above[keep]
     if not len(slices):
         return None
     columns = probs[:, :, footprint]                       # (7, d, n)
     weight = (coord - below)[None, :, None]
-    inside = component[:, footprint]                       # (d, n): the blob, not other blobs of c
-    inside = inside | np.roll(inside, 1, 0) | np.roll(inside, -1, 0)
     values = columns[:, below] * (1 - weight) + columns[:, above] * weight     # (7, slices, n)
     wins = (values.argmax(0) == c) & (values[c] >= level) & (inside[below] | inside[above])
     hits = slices[wins.any(axis=1)]
@@ -103,7 +101,7 @@ def vertebra_boxes(probs: np.ndarray, shape: tuple[int, int, int], uid: str,
     into its neighbour does not stretch its range over it; the largest connected blob of
     each vertebra gives its box, and the slice range is refined on the study's own slices.
     Measured on the recipe check's held-out studies (z-IoU >= 0.7), against per-class
-    thresholding: varied-96 57% -> 67%, few-masks 61% -> 72%.
+    thresholding: slices-60 61% -> 73%, varied-96 57% -> 66%, few-masks 61% -> 72%.
     """
     if probs.ndim != 4 or probs.shape[0] != len(VERTEBRAE):
         raise ValueError(f"{uid}: expected probabilities of shape (7, d, h, w), got {probs.shape}")
