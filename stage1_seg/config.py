@@ -31,6 +31,13 @@ class ModelConfig:
     # tuning set (demo config, 1,000 steps, fold 0): softmax Dice 0.768 and 78.6% of held-out
     # vertebra ranges with z-IoU >= 0.7, sigmoid 0.799 and 80.0%: sigmoid stays the default.
     head: str = "sigmoid"
+    # Initial foreground probability of every output voxel (output bias set to its log-odds);
+    # 0 keeps the layer's default (probability ~0.5). A vertebra fills ~0.2% of the cube.
+    prior: float = 0.0
+    # Deep supervision: extra 1x1x1 heads on this many of the decoder's coarser outputs (1/2,
+    # 1/4, ... resolution), trained on the target averaged down to them (nnU-Net's scheme,
+    # weights halving per level); training only, inference uses the full-resolution head.
+    deep_supervision: int = 0
 
 
 @dataclass(frozen=True)

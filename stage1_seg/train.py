@@ -88,11 +88,28 @@ def dice_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
     return metrics
 
 
+def supervised_loss(output: torch.Tensor | tuple, target: torch.Tensor, cfg: Stage1Config) -> torch.Tensor:
+    """:func:`seg_loss` of the model's output; with deep supervision (``(logits, [coarser, ...])``)
+    the coarser logits are scored against the target averaged down to their size, weights
+    1, 1/2, 1/4, ... normalised to sum 1."""
+    def loss(logits, truth):
+        return seg_loss(logits, truth, cfg.loss.bce_weight, cfg.loss.dice_weight, cfg.model.head)
+
+    if not isinstance(output, tuple):
+        return loss(output, target)
+    logits, coarse = output
+    weights = [0.5 ** i for i in range(len(coarse) + 1)]
+    total = weights[0] * loss(logits, target)
+    for weight, aux in zip(weights[1:], coarse):
+        total = total + weight * loss(aux, F.adaptive_avg_pool3d(target, aux.shape[2:]))
+    return total / sum(weights)
+
+
 def batch_loss(cfg: Stage1Config, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
     """The training loss of one batch (``image`` (B, C, D, H, W), ``target`` (B, 7, D, H, W)), mixup included."""
     image, target = batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
     image, target = mixup(image, target, cfg.augment.mixup_p)
-    return seg_loss(model(as_model_input(image)), target, cfg.loss.bce_weight, cfg.loss.dice_weight, cfg.model.head)
+    return supervised_loss(model(as_model_input(image)), target, cfg)
 
 
 class SegTask:

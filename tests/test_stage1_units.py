@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from common.volume import crop_region, resample, resample_labels
 from stage1_seg.augment import augment_pair, mixup
 from stage1_seg.boxes import boxes_from_labels, vertebra_boxes, z_iou
-from stage1_seg.config import AugmentConfig, ModelConfig, PreprocessConfig
+from stage1_seg.config import AugmentConfig, ModelConfig, PreprocessConfig, Stage1Config
 from stage1_seg.data import preprocess_hu
 from stage1_seg.model import build_model, class_probs
-from stage1_seg.train import dice_counts, dice_metrics, seg_loss
+from stage1_seg.train import dice_counts, dice_metrics, seg_loss, supervised_loss
 
 
 def test_model_weights_file(tmp_path):
@@ -67,6 +67,51 @@ def test_softmax_head_loss_prefers_the_right_answer_and_gives_seven_maps():
     assert float(probs.sum(1)[labels == 0].max()) < 0.01            # background is nobody's vertebra
     with pytest.raises(ValueError, match="model.head"):
         build_model(ModelConfig(head="tanh"))
+
+
+SMALL = dict(encoder="tu-tf_efficientnetv2_b0", decoder_channels=(16, 16, 8, 8, 8))
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
+def test_prior_sets_the_initial_foreground_probability(head):
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        default = class_probs(build_model(ModelConfig(head=head, **SMALL)).eval()(x), head)
+        primed = class_probs(build_model(ModelConfig(head=head, prior=0.002, **SMALL)).eval()(x), head)
+    assert float(default.mean()) > 0.1                     # the layer's own start: far from the data
+    assert 0.0005 < float(primed.mean()) < 0.01             # starts near the prior asked for
+    with pytest.raises(ValueError, match="model.prior"):
+        build_model(ModelConfig(prior=0.5, **SMALL))
+
+
+def test_deep_supervision_trains_coarse_heads_and_leaves_inference_alone():
+    torch.manual_seed(0)
+    cfg = ModelConfig(deep_supervision=2, **SMALL)
+    model = build_model(cfg)
+    plain = build_model(ModelConfig(**SMALL))
+    # the extra heads are the only extra weights: checkpoints without them keep their keys
+    assert set(model.state_dict()) - set(plain.state_dict()) == {
+        "aux_heads.0.weight", "aux_heads.0.bias", "aux_heads.1.weight", "aux_heads.1.bias"}
+    x = torch.rand(2, 1, 32, 32, 32)
+    logits, coarse = model.train()(x)
+    assert logits.shape == (2, 7, 32, 32, 32) and [c.shape[2:] for c in coarse] == [(16,) * 3, (8,) * 3]
+    assert model.eval()(x).shape == (2, 7, 32, 32, 32)
+    # the loss weighs the coarse outputs against the averaged-down target, and they get gradients
+    target = torch.zeros(2, 7, 32, 32, 32)
+    target[:, 3, 8:24, 8:24, 8:24] = 1
+    stage1 = Stage1Config(model=cfg)
+    loss = supervised_loss(model.train()(x), target, stage1)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aux_heads.parameters())
+    perfect = (target * 2 - 1) * 8
+    coarse_right = [F.adaptive_avg_pool3d(perfect, s) for s in (16, 8)]
+    coarse_wrong = [-c for c in coarse_right]
+    assert supervised_loss((perfect, coarse_right), target, stage1) < 0.05
+    assert supervised_loss((perfect, coarse_wrong), target, stage1) > 0.3
+    assert supervised_loss(perfect, target, stage1) == seg_loss(perfect, target, 0.5, 0.5)
+    with pytest.raises(ValueError, match="deep_supervision"):
+        build_model(ModelConfig(deep_supervision=5, **SMALL))
 
 
 def test_augment_keeps_shapes_and_alignment():
