@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # smp-3d warns about timm internals on import
+    import segmentation_models_pytorch_3d as smp
+
 from common.pretrained import (REQUIRED_TENSOR_FRACTION, PretrainedError, create_pretrained, resolve_source,
                                wants_pretrained)
 from stage1_seg.config import ModelConfig
@@ -43,38 +47,30 @@ def class_probs(logits: torch.Tensor, head: str) -> torch.Tensor:
     return torch.sigmoid(logits)
 
 
-_UNET_CLASS: dict[type, type] = {}
-
-
-def _unet_class(base: type) -> type:
-    """smp's Unet with optional deep-supervision heads (same state-dict keys without them).
+class SegUnet(smp.Unet):
+    """smp's Unet with optional deep-supervision heads (the same state-dict keys without them).
 
     In training mode with heads, ``forward`` returns ``(logits, [coarser logits, ...])``,
-    finest first; otherwise the logits alone.
+    the 1/2-resolution output first; otherwise the logits alone.
     """
-    if base in _UNET_CLASS:
-        return _UNET_CLASS[base]
 
-    class SegUnet(base):
-        def add_deep_supervision(self, levels: int) -> None:
-            self.aux_heads = nn.ModuleList(
-                nn.Conv3d(self.decoder.blocks[-2 - i].conv2[0].out_channels,
-                          self.segmentation_head[0].out_channels, kernel_size=1)
-                for i in range(levels)) if levels else None
+    def __init__(self, *args, deep_supervision: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.aux_heads = nn.ModuleList(
+            nn.Conv3d(self.decoder.blocks[-2 - i].conv2[0].out_channels,
+                      self.segmentation_head[0].out_channels, kernel_size=1)
+            for i in range(deep_supervision)) if deep_supervision else None
 
-        def forward(self, x: torch.Tensor):
-            if not (self.training and self.aux_heads is not None):
-                return super().forward(x)
-            features = self.encoder(x)[1:][::-1]   # deepest first, as smp's decoder takes them
-            out, skips, coarse = self.decoder.center(features[0]), features[1:], []
-            for i, block in enumerate(self.decoder.blocks):
-                out = block(out, skips[i] if i < len(skips) else None)
-                coarse.append(out)
-            aux = [head(coarse[-2 - i]) for i, head in enumerate(self.aux_heads)]
-            return self.segmentation_head(out), aux
-
-    _UNET_CLASS[base] = SegUnet
-    return SegUnet
+    def forward(self, x: torch.Tensor):
+        if not (self.training and self.aux_heads is not None):
+            return super().forward(x)
+        features = self.encoder(x)[1:][::-1]   # deepest first, as smp's decoder takes them
+        out, skips, outputs = self.decoder.center(features[0]), features[1:], []
+        for i, block in enumerate(self.decoder.blocks):
+            out = block(out, skips[i] if i < len(skips) else None)
+            outputs.append(out)
+        aux = [head(outputs[-2 - i]) for i, head in enumerate(self.aux_heads)]
+        return self.segmentation_head(out), aux
 
 
 def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
@@ -87,18 +83,13 @@ def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
     ``pretrained_source=False`` ignores both settings: rebuilding from a
     checkpoint (which holds every weight) and random-weight benchmarks use it.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # smp-3d warns about timm internals on import
-        import segmentation_models_pytorch_3d as smp
-
     if not 0 <= cfg.deep_supervision < len(cfg.decoder_channels):
         raise ValueError(f"model.deep_supervision must be in 0..{len(cfg.decoder_channels) - 1}, "
                          f"got {cfg.deep_supervision}")
-    model = _unet_class(smp.Unet)(
+    model = SegUnet(
         encoder_name=cfg.encoder, encoder_weights=None, in_channels=cfg.in_channels,
         classes=output_channels(cfg), decoder_channels=tuple(cfg.decoder_channels),
-        encoder_depth=len(cfg.decoder_channels))
-    model.add_deep_supervision(cfg.deep_supervision)
+        encoder_depth=len(cfg.decoder_channels), deep_supervision=cfg.deep_supervision)
     # The classification head of the efficientnet-b* encoders is never run by the U-Net;
     # dropping it keeps DDP from waiting for gradients that never come.
     for name in ("_conv_head", "_bn1"):
