@@ -33,6 +33,10 @@ class ModelConfig:
     lstm_layers: int = 2
     dropout: float = 0.2
     pooling: Literal["mean", "attention"] = "mean"
+    # Initial vertebra probability (the slice head's bias at its log-odds); 0 keeps the layer's
+    # default (~0.5). Adam moves a bias by about lr per step, so from 0.5 the model spends
+    # hundreds of steps reaching the base rate before it learns anything about fractures.
+    prior: float = 0.0
     drop_path: float = 0.1
     # Type 2 only: slices per checkpointed backbone chunk (0: none). A study at 224 px is 105
     # slice images; recomputing their activations in the backward pass keeps batch 2 in 16 GB.

@@ -25,6 +25,7 @@ choice) or the sigmoid of the attention-weighted logit (``pooling: attention``).
 from __future__ import annotations
 
 import logging
+import math
 
 import timm
 import torch
@@ -55,6 +56,10 @@ class SliceSequenceClassifier(nn.Module):
                             bidirectional=True, batch_first=True)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(2 * cfg.lstm_hidden, 1)
+        if cfg.prior:
+            if not 0 < cfg.prior < 1:
+                raise ValueError(f"model.prior must be in (0, 1), got {cfg.prior}")
+            nn.init.constant_(self.head.bias, math.log(cfg.prior / (1 - cfg.prior)))
         self.attention = nn.Linear(2 * cfg.lstm_hidden, 1) if cfg.pooling == "attention" else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

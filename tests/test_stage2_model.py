@@ -39,6 +39,20 @@ def test_mean_pooling_is_mean_of_slice_probabilities():
     assert torch.isfinite(vertebra_logit({"slice_logits": torch.full((1, 4), 200.0)})).all()
 
 
+@pytest.mark.parametrize("model_type", [1, 2])
+def test_prior_sets_the_initial_vertebra_probability(model_type):
+    torch.manual_seed(0)
+    x = torch.rand(2, 7, 5, 6, 32, 32) if model_type == 2 else torch.rand(2, 5, 6, 32, 32)
+    args = (torch.zeros(2, 7, dtype=torch.bool),) if model_type == 2 else ()
+    with torch.no_grad():
+        default = vertebra_probability(build_model(small_cfg(type=model_type)).eval()(x, *args))
+        primed = vertebra_probability(build_model(small_cfg(type=model_type, prior=0.14)).eval()(x, *args))
+    assert float((default - 0.5).abs().max()) < 0.1
+    assert float((primed - 0.14).abs().max()) < 0.05
+    with pytest.raises(ValueError, match="model.prior"):
+        build_model(small_cfg(prior=1.5))
+
+
 def test_rejects_wrong_input_rank():
     with pytest.raises(ValueError, match="B, S, C, H, W"):
         build_model(small_cfg())(torch.rand(2, 6, 32, 32))
