@@ -8,8 +8,10 @@ from common.metric import validate_submission
 from tooling import recipe_check
 from tooling.recipe import DatasetSpec, Recipe, run_recipe
 
+# Two steps learn nothing. The layer's flat start (~0.5 everywhere) still gives every phase vertebrae
+# to work on; the demo's primed start (probability 0.01) would leave every box missing.
 TINY1 = ["preprocess.size=32", "model.decoder_channels=[16,16,8,8,8]", "train.steps=2", "train.eval_every=2",
-         "train.warmup_steps=1"]
+         "train.warmup_steps=1", "model.prior=0"]
 TINY2 = ["crop.size=32", "crop.n_slices=4", "model.lstm_hidden=8", "train.steps=2", "train.eval_every=2",
          "train.warmup_steps=1", "train.val_batch_size=4"]
 
