@@ -34,9 +34,9 @@ class ModelConfig:
     dropout: float = 0.2
     pooling: Literal["mean", "attention"] = "mean"
     # Initial vertebra probability (the slice head's bias at its log-odds); 0 keeps the layer's
-    # default (~0.5). Off in both configs: on varied-96 (recipe check, demo config, all 5 folds,
-    # same stage 1) a start at 0.14 gave stage 2 1.08x the best constant against 1.03x without,
-    # the submission 0.99x against 0.94x, and the training loss fell no faster.
+    # default (~0.5). Off in both configs: recipe check, demo config, all 5 folds, same stage 1,
+    # a start at 0.14 against none: varied-96 1.08x vs 1.03x the best constant (submission 0.99x
+    # vs 0.94x), few-masks 0.92x vs 1.04x (0.76x vs 0.78x); mixed, within seed noise.
     prior: float = 0.0
     drop_path: float = 0.1
     # Type 2 only: slices per checkpointed backbone chunk (0: none). A study at 224 px is 105
