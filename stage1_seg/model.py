@@ -64,6 +64,7 @@ class SegUnet(smp.Unet):
     def forward(self, x: torch.Tensor):
         if not (self.training and self.aux_heads is not None):
             return super().forward(x)
+        self.check_input_shape(x)               # as smp's own forward does
         features = self.encoder(x)[1:][::-1]   # deepest first, as smp's decoder takes them
         out, skips, outputs = self.decoder.center(features[0]), features[1:], []
         for i, block in enumerate(self.decoder.blocks):
