@@ -19,8 +19,9 @@ TINY2 = ["crop.size=32", "crop.n_slices=4", "model.lstm_hidden=8", "train.steps=
 @pytest.mark.slow
 def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     spec = DatasetSpec("tiny", n_train=10, n_seg=6, n_test=2, size=48, seed=5)
-    recipe = Recipe.demo(TINY1, TINY2, type2=True)
+    recipe = Recipe.demo(TINY1, TINY2, type2=True, oracle=True)
     assert [c.run for c in recipe.stage2_runs] == ["demo", "demo-type2"]
+    assert recipe.stage2_oracle.crop.stage1_run == "oracle" and recipe.stage2_oracle.model.type == 1
     assert recipe.stage2_type2.model.type == 2 and recipe.stage2_type2.train.batch_size == 2
     result = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])
     work = tmp_path / "tiny" / "work"
@@ -35,12 +36,19 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     test = pd.read_csv(tmp_path / "tiny" / "data" / "test.csv", dtype=str)
     validate_submission(pd.read_csv(tmp_path / "tiny" / "submission.csv", dtype={"row_id": str}), test["row_id"])
     assert result["n_test_studies"] == 2 and result["submission_ratio"] > 0
+    # The oracle run: stage 2 on crops from the true labels, same folds, its own work folder.
+    oracle = tmp_path / "tiny" / "oracle"
+    assert {p.parent.name for p in (oracle / "stage2" / "demo").glob("fold*/metrics.json")} == {"fold0", "fold1"}
+    assert (oracle / "folds.csv").read_text() == (work / "folds.csv").read_text()
+    assert result["oracle_stage2_oof_ratio"] > 0
     ensemble = json.loads((work / "stage2" / "ensemble.json").read_text())
     assert ensemble["chosen"] == result["stage2_chosen"]
     # The table names every dataset and marks figures that miss their target.
     table = recipe_check.format_table({"tiny": result})
     assert "| figure | tiny | target |" in table and "type 2's head" in table and "(chosen: " in table
+    assert "crops from the true labels" in table
     # Run again: training phases are skipped, the figures come back the same.
     again = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])
-    assert not any(k.startswith(("stage 1 training", "stage 2 training")) for k in again["seconds"])
+    assert not any(k.startswith(("stage 1 training", "stage 2 training", "oracle stage 1", "oracle stage 2 training"))
+                   for k in again["seconds"])
     assert again["stage2_oof_score"] == pytest.approx(result["stage2_oof_score"])

@@ -15,14 +15,17 @@ Figures (:func:`evaluate`), all on data the models were not tuned on:
   type 2 trained too, the score of every candidate: each type alone and the
   ensembles), and patient_overall's loss from type 2's learned head against the
   noisy-OR of its own vertebra probabilities;
-- the submission's score on the hidden test labels against the constant train prior.
+- the submission's score on the hidden test labels against the constant train prior;
+- with ``oracle``: stage 2's out-of-fold score against the best constant once more, on
+  crops cut from the true labels (:mod:`tooling.oracle`), i.e. with a perfect stage 1.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,6 +47,7 @@ from stage2_cls import crop as stage2_crop
 from stage2_cls import report as stage2_report
 from stage2_cls import train as stage2_train
 from stage2_cls.config import Stage2Config
+from tooling.oracle import ORACLE_RUN, write_oracle_stage1
 from tooling.synth import make_dataset
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,9 @@ class Recipe:
     stage2: Stage2Config
     submission: make_submission.SubmissionConfig
     stage2_type2: Stage2Config | None = None  # also train the whole-patient model and ensemble it
+    # also train stage 2 (type 1, same folds) on crops cut from the true labels (tooling.oracle):
+    # what stage 2 scores when stage 1 is perfect, beside what it scores after the real stage 1
+    oracle: bool = False
 
     @property
     def stage2_runs(self) -> list[Stage2Config]:
@@ -78,7 +85,7 @@ class Recipe:
 
     @classmethod
     def demo(cls, overrides1: Sequence[str] = (), overrides2: Sequence[str] = (),
-             type2: bool = False) -> "Recipe":
+             type2: bool = False, oracle: bool = False) -> "Recipe":
         stage2 = load_config(Stage2Config, config_path("demo/stage2.yaml"), overrides2)
         # Type 2 takes whole studies: batch 2 is 14 vertebrae a step, near type 1's 8 in cost.
         stage2_type2 = load_config(Stage2Config, config_path("demo/stage2.yaml"),
@@ -86,7 +93,12 @@ class Recipe:
                                     "train.val_batch_size=4", *overrides2]) if type2 else None
         return cls(load_config(Stage1Config, config_path("demo/stage1.yaml"), ["predict.folds=[0]", *overrides1]),
                    stage2, load_config(make_submission.SubmissionConfig, config_path("demo/submission.yaml")),
-                   stage2_type2)
+                   stage2_type2, oracle)
+
+    @property
+    def stage2_oracle(self) -> Stage2Config:
+        """Type 1's config reading the oracle stage-1 run."""
+        return replace(self.stage2, crop=replace(self.stage2.crop, stage1_run=ORACLE_RUN))
 
 
 def run_recipe(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequence[int]) -> dict[str, Any]:
@@ -108,6 +120,8 @@ def run_recipe(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequ
          lambda: stage2_report.run(recipe.stage2, data, work, runs=[c.run for c in recipe.stage2_runs])),
         ("submission", False, lambda: make_submission.run(recipe.submission, data, work, root / "submission.csv")),
     ]
+    if recipe.oracle:
+        phases += oracle_phases(root, spec, recipe, stage2_folds)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     bar = tqdm(phases, desc=f"{spec.name}: phases", unit="phase", dynamic_ncols=True)
@@ -127,6 +141,27 @@ def run_recipe(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequ
     return figures
 
 
+def oracle_phases(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequence[int]
+                  ) -> list[tuple[str, bool, Callable[[], Any]]]:
+    """Stage 2 again, in ``root/oracle``, on crops cut from the true labels (same folds)."""
+    data, work, owork = root / "data", root / "work", root / "oracle"
+    cfg = recipe.stage2_oracle
+
+    def start() -> None:
+        owork.mkdir(parents=True, exist_ok=True)
+        for name in ("folds.csv", "folds.json"):  # the same split as the real run's
+            if (work / name).is_file():
+                shutil.copyfile(work / name, owork / name)
+        write_oracle_stage1(data, owork, recipe.stage1, spec.n_train, spec.n_test, spec.size, spec.seed,
+                            spec.n_slices, spec.variety)
+
+    return [("oracle stage 1", (owork / "stage1" / ORACLE_RUN / "boxes.csv").is_file(), start),
+            ("oracle crops", False, lambda: stage2_crop.run(cfg, data, owork, "train")),
+            *[(f"oracle stage 2 training, fold {k}", (owork / "stage2" / cfg.run / f"fold{k}" / "metrics.json").is_file(),
+               lambda k=k: stage2_train.run(cfg, data, owork, k, resume=True)) for k in stage2_folds],
+            ("oracle stage 2 report", False, lambda: stage2_report.run(cfg, data, owork))]
+
+
 def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
     """The recipe's figures from what the phases wrote (see the module docstring)."""
     data, work = root / "data", root / "work"
@@ -140,7 +175,16 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             "stage2_candidates": report["candidates"], "stage2_chosen": report["chosen"],
             **overall_figures(report),
             "calibration": report["calibration"]["reason"],
-            **submission_figures(data, root / "submission.csv")}
+            **submission_figures(data, root / "submission.csv"),
+            **(oracle_figures(root / "oracle") if recipe.oracle else {})}
+
+
+def oracle_figures(owork: Path) -> dict[str, float]:
+    """Stage 2's out-of-fold score on crops cut from the true labels, against the best constant."""
+    report = json.loads((owork / "stage2" / "report" / "cv_report.json").read_text())
+    return {"oracle_stage2_oof_score": report["score"], "oracle_stage2_oof_constant": report["constant_score"],
+            "oracle_stage2_oof_ratio": report["score"] / report["constant_score"],
+            "oracle_stage2_auc": {r["label"]: r[f"{report['chosen']} auc"] for r in report["per_label"]}}
 
 
 def overall_figures(report: dict[str, Any]) -> dict[str, float]:

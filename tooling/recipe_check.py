@@ -1,6 +1,6 @@
 """Does the demo recipe learn on data it was not tuned on? Run it on several independent datasets.
 
-    python -m tooling.recipe_check [--out recipe_check] [--datasets NAME ...] [--folds K ...] [--type2]
+    python -m tooling.recipe_check [--out recipe_check] [--datasets NAME ...] [--folds K ...] [--type2] [--oracle]
                                    [--stage1 k=v ...] [--stage2 k=v ...]
 
 Generates each dataset of ``DATASETS`` (different seeds, sizes and variety
@@ -10,7 +10,8 @@ and one with studies of 60 slices; none of them the seeds the recipe was tuned o
 2 on all five folds, the CV report, the submission; see ``tooling.recipe``) and
 prints, per dataset and side by side: stage-1 mean Dice, box z-IoU on studies
 that had no mask, stage-2 out-of-fold score / best constant, submission score /
-constant prior on that dataset's test studies, and wall time. The table is also
+constant prior on that dataset's test studies, and wall time; with ``--oracle``
+also stage 2's score on crops cut from the true labels (a perfect stage 1). The table is also
 written to ``<out>/recipe_check.md`` and ``<out>/recipe_check.json``; every
 phase resumes, so an interrupted check continues where it stopped.
 """
@@ -59,6 +60,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
          lambda r: "; ".join(f"{name} {score / r['stage2_oof_constant']:.2f}x"
                              for name, score in r["stage2_candidates"].items())
          + f" (chosen: {r['stage2_chosen']})", None),
+        ("stage-2 OOF / best constant on crops from the true labels (oracle stage 1)",
+         lambda r: f"{r['oracle_stage2_oof_score']:.3f} / {r['oracle_stage2_oof_constant']:.3f} "
+                   f"= {r['oracle_stage2_oof_ratio']:.2f}x", "oracle"),
         ("patient_overall loss: type 2's head (or ensemble) / its vertebrae's noisy-OR",
          lambda r: f"{r.get('overall_learned_ratio', float('nan')):.2f}x", "overall_learned_ratio"),
         ("submission / constant prior", lambda r: f"{r['submission_score']:.3f} / {r['submission_constant']:.3f} "
@@ -69,6 +73,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| figure | " + " | ".join(names) + " | target |", "| --- " * (len(names) + 2) + "|"]
     if not any("overall_learned_ratio" in results[n] for n in names):  # type 2 not trained
         rows = [row for row in rows if row[2] != "overall_learned_ratio"]
+    if not all("oracle_stage2_oof_ratio" in results[n] for n in names):  # no oracle run
+        rows = [row for row in rows if row[2] != "oracle"]
+    rows = [(label, fmt, None if key == "oracle" else key) for label, fmt, key in rows]
     for label, fmt, key in rows:
         cells = [cell(key, results[n][key], fmt(results[n])) if key in results[n] else fmt(results[n])
                  for n in names]
@@ -97,12 +104,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--type2", action="store_true",
                         help="also train the whole-patient model (type 2) on the same folds; the report "
                              "compares type 1, type 2 and their ensembles")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also train stage 2 on crops cut from the true labels (a perfect stage 1), "
+                             "to tell a stage-2 failure from a stage-1 one")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run(out, args.datasets, Recipe.demo(args.stage1, args.stage2, type2=args.type2), args.folds)
+    results = run(out, args.datasets, Recipe.demo(args.stage1, args.stage2, type2=args.type2, oracle=args.oracle), args.folds)
     print(format_table(results))
     return results
 
