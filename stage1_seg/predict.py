@@ -38,6 +38,18 @@ def list_studies(data_dir: Path, split: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
 
+def study_outputs(probs: np.ndarray, region: np.ndarray, shape: tuple[int, int, int], uid: str,
+                  cfg: Stage1Config) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """What is saved for one study from its cube probabilities ``(7, d, h, w)`` covering ``region``
+    of a study of ``shape``: probs, shape, region, box coordinates and status codes; and its box rows."""
+    p = cfg.predict
+    boxes = vertebra_boxes(probs, shape, uid, p.threshold, p.fallback_threshold, p.min_voxels, region)
+    out = {"probs": probs, "shape": np.asarray(shape, dtype=np.int64), "region": region,
+           "boxes": boxes[_COORDS].to_numpy(np.int64),
+           "status": boxes["status"].map(STATUSES.index).to_numpy(np.int64)}
+    return out, boxes
+
+
 def predict_study(ensemble: Stage1Ensemble, folder: Path, cfg: Stage1Config,
                   mask_path: Path | None = None) -> dict[str, np.ndarray]:
     """Everything saved for one study: probs, shape, box coordinates and status codes.
@@ -47,12 +59,7 @@ def predict_study(ensemble: Stage1Ensemble, folder: Path, cfg: Stage1Config,
     """
     study = load_study(folder, tolerant=True)
     probs, region = ensemble.predict_hu(study.hu, study.spacing)
-    p = cfg.predict
-    boxes = vertebra_boxes(probs, study.hu.shape, study.uid, p.threshold, p.fallback_threshold, p.min_voxels,
-                           region)
-    out = {"probs": probs, "shape": np.asarray(study.hu.shape, dtype=np.int64), "region": region,
-           "boxes": boxes[_COORDS].to_numpy(np.int64),
-           "status": boxes["status"].map(STATUSES.index).to_numpy(np.int64)}
+    out, boxes = study_outputs(probs, region, study.hu.shape, study.uid, cfg)
     if mask_path is not None:
         truth = boxes_from_labels(load_rsna_mask(mask_path, study), study.uid)
         out["ziou"] = np.array([

@@ -21,10 +21,9 @@ from tqdm.auto import tqdm
 from common.dicom import load_study
 from common.io import save_npz_atomic, write_csv_atomic
 from common.volume import crop_region, resample_labels
-from stage1_seg.boxes import STATUSES, vertebra_boxes
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import cube_region
-from stage1_seg.predict import _COORDS, boxes_from_npz
+from stage1_seg.predict import boxes_from_npz, study_outputs
 from tooling.synth import plan_dataset, synth_study
 
 log = logging.getLogger(__name__)
@@ -39,11 +38,7 @@ def oracle_outputs(hu: np.ndarray, spacing, labels: np.ndarray, uid: str, cfg: S
     region = cube_region(hu, spacing, cfg.preprocess)
     size = cfg.preprocess.size
     probs = np.round(resample_labels(crop_region(labels, region, 0), (size,) * 3) * 255).astype(np.uint8)
-    p = cfg.predict
-    boxes = vertebra_boxes(probs, hu.shape, uid, p.threshold, p.fallback_threshold, p.min_voxels, region)
-    return {"probs": probs, "shape": np.asarray(hu.shape, dtype=np.int64), "region": region,
-            "boxes": boxes[_COORDS].to_numpy(np.int64),
-            "status": boxes["status"].map(STATUSES.index).to_numpy(np.int64)}
+    return study_outputs(probs, region, hu.shape, uid, cfg)[0]
 
 
 def write_oracle_stage1(data_dir: Path, work_dir: Path, cfg: Stage1Config, n_train: int, n_test: int,

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -147,7 +147,7 @@ def oracle_phases(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: S
     data, work, owork = root / "data", root / "work", root / "oracle"
     cfg = recipe.stage2_oracle
 
-    def start() -> None:
+    def oracle_stage1() -> None:
         owork.mkdir(parents=True, exist_ok=True)
         for name in ("folds.csv", "folds.json"):  # the same split as the real run's
             if (work / name).is_file():
@@ -155,7 +155,7 @@ def oracle_phases(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: S
         write_oracle_stage1(data, owork, recipe.stage1, spec.n_train, spec.n_test, spec.size, spec.seed,
                             spec.n_slices, spec.variety)
 
-    return [("oracle stage 1", (owork / "stage1" / ORACLE_RUN / "boxes.csv").is_file(), start),
+    return [("oracle stage 1", (owork / "stage1" / ORACLE_RUN / "boxes.csv").is_file(), oracle_stage1),
             ("oracle crops", False, lambda: stage2_crop.run(cfg, data, owork, "train")),
             *[(f"oracle stage 2 training, fold {k}", (owork / "stage2" / cfg.run / f"fold{k}" / "metrics.json").is_file(),
                lambda k=k: stage2_train.run(cfg, data, owork, k, resume=True)) for k in stage2_folds],

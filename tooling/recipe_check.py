@@ -62,7 +62,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
          + f" (chosen: {r['stage2_chosen']})", None),
         ("stage-2 OOF / best constant on crops from the true labels (oracle stage 1)",
          lambda r: f"{r['oracle_stage2_oof_score']:.3f} / {r['oracle_stage2_oof_constant']:.3f} "
-                   f"= {r['oracle_stage2_oof_ratio']:.2f}x", "oracle"),
+                   f"= {r['oracle_stage2_oof_ratio']:.2f}x", "oracle_stage2_oof_ratio"),
         ("patient_overall loss: type 2's head (or ensemble) / its vertebrae's noisy-OR",
          lambda r: f"{r.get('overall_learned_ratio', float('nan')):.2f}x", "overall_learned_ratio"),
         ("submission / constant prior", lambda r: f"{r['submission_score']:.3f} / {r['submission_constant']:.3f} "
@@ -74,12 +74,11 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     if not any("overall_learned_ratio" in results[n] for n in names):  # type 2 not trained
         rows = [row for row in rows if row[2] != "overall_learned_ratio"]
     if not all("oracle_stage2_oof_ratio" in results[n] for n in names):  # no oracle run
-        rows = [row for row in rows if row[2] != "oracle"]
-    rows = [(label, fmt, None if key == "oracle" else key) for label, fmt, key in rows]
+        rows = [row for row in rows if row[2] != "oracle_stage2_oof_ratio"]
     for label, fmt, key in rows:
         cells = [cell(key, results[n][key], fmt(results[n])) if key in results[n] else fmt(results[n])
                  for n in names]
-        target = f"{TARGETS[key][0]} {TARGETS[key][1]}" if key else ""
+        target = f"{TARGETS[key][0]} {TARGETS[key][1]}" if key in TARGETS else ""
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {target} |")
     return "\n".join(lines)
 
@@ -112,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     setup_logging(args.verbose)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run(out, args.datasets, Recipe.demo(args.stage1, args.stage2, type2=args.type2, oracle=args.oracle), args.folds)
+    recipe = Recipe.demo(args.stage1, args.stage2, type2=args.type2, oracle=args.oracle)
+    results = run(out, args.datasets, recipe, args.folds)
     print(format_table(results))
     return results
 
