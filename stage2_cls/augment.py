@@ -72,7 +72,8 @@ class StackAugmenter:
         reseed_transforms(self.geometric, seed)
         reseed_transforms(self.intensity, seed + 1)
 
-    def __call__(self, stack: np.ndarray) -> np.ndarray:
+    def __call__(self, stack: np.ndarray, return_order: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The augmented stack; with ``return_order`` also the slice order (S,) it now has."""
         if stack.ndim != 4 or stack.dtype != np.uint8:
             raise ValueError(f"expected a uint8 stack (S, C, H, W), got {stack.dtype} {stack.shape}")
         s, c, h, w = stack.shape
@@ -84,9 +85,11 @@ class StackAugmenter:
             ct = np.ascontiguousarray(out[:, :-1].reshape(s * (c - 1), h, w).transpose(1, 2, 0))
             ct = self.intensity(image=ct)["image"]
             out[:, :-1] = ct.transpose(2, 0, 1).reshape(s, c - 1, h, w)
+        order = np.arange(s)
         if self.cfg.shuffle_p > 0 and np.random.random() < self.cfg.shuffle_p:
-            out = out[np.random.permutation(s)]
-        return out
+            order = np.random.permutation(s)
+            out = out[order]
+        return (out, order) if return_order else out
 
 
 def mixup(images: torch.Tensor, alpha: float, generator: torch.Generator | None = None

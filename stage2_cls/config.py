@@ -39,6 +39,9 @@ class ModelConfig:
     # vs 0.94x), few-masks 0.92x vs 1.04x (0.76x vs 0.78x); mixed, within seed noise.
     prior: float = 0.0
     drop_path: float = 0.1
+    # Type 1: weight of an auxiliary per-slice head trained on the slices that
+    # train_bounding_boxes.csv marks as fractured (stage2_cls.slice_labels); 0: no such head.
+    box_head_weight: float = 0.0
     # Type 2 only: slices per checkpointed backbone chunk (0: none). A study at 224 px is 105
     # slice images; recomputing their activations in the backward pass keeps batch 2 in 16 GB.
     checkpoint_chunk: int = 0

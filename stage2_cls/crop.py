@@ -6,7 +6,10 @@
 Reads ``W/stage1/<crop.stage1_run>/boxes.csv`` and ``.../masks/<uid>.npz``, decodes
 each study once, builds its stacks in memory (``stage2_cls.stacks.build_stacks``) and
 writes ``W/crops/<uid>.npz`` (compressed, atomic) holding ``stacks`` uint8
-(7, n_slices, 6, size, size), ``missing`` bool (7,) and ``slices`` int64 (7, n_slices).
+(7, n_slices, 6, size, size), ``missing`` bool (7,), ``slices`` int64 (7, n_slices) and
+``instance_numbers`` int64 (study slices,): the InstanceNumber of each slice index, which
+ties ``train_bounding_boxes.csv`` to the stacks (``stage2_cls.slice_labels``; files
+written before it was added lack it and get no slice-level labels).
 
 Resuming: ``W/crops/settings.json`` records the crop settings; a later run with the
 same settings skips studies whose file exists, and a run with other settings stops
@@ -120,9 +123,11 @@ def study_uids(data_dir: Path, split: str) -> tuple[list[str], Path]:
     return uids, images_dir
 
 
-def save_crop(path: str | Path, result: StackResult) -> None:
+def save_crop(path: str | Path, result: StackResult, instance_numbers: np.ndarray | None = None) -> None:
     """Write a crop file atomically: a compressed npz that ``np.load`` reads as usual."""
     arrays = {"stacks": result.stacks, "missing": result.missing, "slices": result.slices}
+    if instance_numbers is not None:
+        arrays["instance_numbers"] = np.asarray(instance_numbers, dtype=np.int64)
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,
                              compresslevel=COMPRESS_LEVEL) as archive:
@@ -150,7 +155,7 @@ def crop_study(job: CropJob) -> tuple[str, str, str]:
             raise ValueError(f"{job.study_dir}: volume shape {study.hu.shape} differs from the "
                              f"stage-1 mask {job.mask_path} (shape {shape})")
         result = build_stacks(study.hu, probs, job.boxes, job.cfg, region)
-        save_crop(job.out_path, result)
+        save_crop(job.out_path, result, study.instance_numbers)
         return job.uid, "written", f"{int(result.missing.sum())} vertebrae missing"
     except Exception as exc:  # one bad study must not stop the others: report and go on
         return job.uid, "failed", f"{type(exc).__name__}: {exc}"

@@ -10,7 +10,10 @@ Crop files are ``<work>/crops/<uid>.npz`` holding ``stacks`` uint8
 - ``label`` float32: 1 if that vertebra is fractured (train.csv);
 - ``weight`` float32: the metric's weight of that label (2 positive, 1 negative);
 - ``study_index`` int64 (row in the dataset's study list), ``vertebra`` int64
-  (0..6 = C1..C7), ``missing`` bool (stage 1 did not find the vertebra).
+  (0..6 = C1..C7), ``missing`` bool (stage 1 did not find the vertebra);
+- ``box_target`` float32 (S,) and ``box_known`` bool: slice-level fracture labels
+  from ``train_bounding_boxes.csv`` where they are known (see
+  ``stage2_cls.slice_labels``; all unknown unless the dataset is given the boxes).
 
 Missing vertebrae: their stack is empty, so they are left out of training; in
 validation they stay in (so every study has 7 rows) and the task predicts the
@@ -131,6 +134,26 @@ class CropStore:
             self._cache.popitem(last=False)
         return stacks
 
+    @property
+    def n_slices(self) -> int:
+        """Slices per stack (read from the first study's file; 0 without studies)."""
+        return int(self.study(0).shape[1]) if self.uids else 0
+
+    def centres(self, i: int) -> np.ndarray:
+        """Centre slice indices (7, S) of study ``i``'s stacks (``slices`` of its crop file)."""
+        return self._read_member(self.uids[i], "slices").astype(np.int64)
+
+    def instance_numbers(self, i: int) -> np.ndarray | None:
+        """Study ``i``'s InstanceNumber per slice index, or None if its crop file predates them."""
+        path = crop_path(self.crops_dir, self.uids[i])
+        try:
+            with np.load(path) as data:
+                if "instance_numbers" not in data.files:
+                    return None
+        except (OSError, ValueError) as exc:
+            raise CropFileError(f"{path}: unreadable crop file ({exc}); delete it and rerun the crop step") from exc
+        return self._read_member(self.uids[i], "instance_numbers").astype(np.int64)
+
     def stack(self, i: int, v: int) -> np.ndarray:
         return np.asarray(self.study(i)[v])
 
@@ -159,7 +182,8 @@ class VertebraDataset(Dataset):
     """
 
     def __init__(self, store: CropStore, labels: np.ndarray | None, train: bool,
-                 augment: "StackAugmenter | None" = None, positive_oversampling: float = 1.0) -> None:
+                 augment: "StackAugmenter | None" = None, positive_oversampling: float = 1.0,
+                 box_slices: dict[str, np.ndarray] | None = None, context: int = 2) -> None:
         n = len(store.uids)
         self.store, self.augment = store, augment
         self.labels = np.zeros((n, N_VERTEBRAE), np.float32) if labels is None \
@@ -178,6 +202,37 @@ class VertebraDataset(Dataset):
             else None
         if train and store.missing.any():
             log.info("training skips %d missing vertebrae of %d", int(store.missing.sum()), store.missing.size)
+        self.box_targets, self.box_known = self._box_labels(box_slices, context)
+
+    def _box_labels(self, box_slices: dict[str, np.ndarray] | None, context: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per item: slice targets (M, S) and whether they are known (M,) (see ``stage2_cls.slice_labels``)."""
+        n_slices = self.store.n_slices
+        targets = np.zeros((len(self.items), n_slices), np.float32)
+        known = np.zeros(len(self.items), bool)
+        if box_slices is None:
+            return targets, known
+        from stage2_cls.slice_labels import slice_targets
+        positive = self.labels[self.items[:, 0], self.items[:, 1]] > 0.5
+        known[~positive] = True  # an intact vertebra shows no fracture on any slice
+        lacking = []
+        for k in np.flatnonzero(positive):
+            i, v = (int(x) for x in self.items[k])
+            uid = self.store.uids[i]
+            if uid not in box_slices or self.store.missing[i, v]:
+                continue
+            numbers = self.store.instance_numbers(i)
+            if numbers is None:
+                lacking.append(uid)
+                continue
+            targets[k] = slice_targets(numbers, self.store.centres(i)[v], context, box_slices[uid])
+            known[k] = True
+        if lacking:
+            log.warning("%d crop files of studies with fracture boxes lack instance_numbers (cropped by an "
+                        "older version; e.g. %s): no slice labels for them, recrop to use them",
+                        len(set(lacking)), crop_path(self.store.crops_dir, lacking[0]))
+        log.info("slice-level fracture labels: %d of %d fractured vertebrae (%d positive slices)",
+                 int((known & positive).sum()), int(positive.sum()), int(targets.sum()))
+        return targets, known
 
     def __len__(self) -> int:
         return len(self.items)
@@ -190,8 +245,10 @@ class VertebraDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         i, v = (int(x) for x in self.items[k])
         stack = self.store.stack(i, v)
+        box_target = self.box_targets[k]
         if self.augment is not None:
-            stack = self.augment(stack)
+            stack, order = self.augment(stack, return_order=True)
+            box_target = box_target[order]
         label = float(self.labels[i, v])
         weight = VERTEBRA_WEIGHT_POS if label > 0.5 else VERTEBRA_WEIGHT_NEG
         if self.sample_weights is not None and label > 0.5:
@@ -201,7 +258,9 @@ class VertebraDataset(Dataset):
                 "weight": torch.tensor(weight, dtype=torch.float32),
                 "study_index": torch.tensor(i, dtype=torch.int64),
                 "vertebra": torch.tensor(v, dtype=torch.int64),
-                "missing": torch.tensor(bool(self.store.missing[i, v]))}
+                "missing": torch.tensor(bool(self.store.missing[i, v])),
+                "box_target": torch.from_numpy(np.ascontiguousarray(box_target)),
+                "box_known": torch.tensor(bool(self.box_known[k]))}
 
 
 

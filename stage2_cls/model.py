@@ -9,7 +9,10 @@ Forward returns a dict (the one contract train, make_submission and the
 benchmark share):
 
 - ``slice_logits`` (B, S): per-slice fracture logits;
-- ``attention`` (B, S): softmax weights over slices (``pooling: attention`` only).
+- ``attention`` (B, S): softmax weights over slices (``pooling: attention`` only);
+- ``box_logits`` (B, S): an auxiliary head's per-slice logits of "a fracture box lies
+  on this slice" (``box_head_weight > 0`` only; trained by :func:`box_loss`, not used
+  for the vertebra probability).
 
 ``model.type: 2`` builds :class:`PatientClassifier` instead (the winners'
 "type 2"): a whole study (B, 7, S, C, H, W) per sample, ``slice_logits``
@@ -61,6 +64,9 @@ class SliceSequenceClassifier(nn.Module):
                 raise ValueError(f"model.prior must be in (0, 1), got {cfg.prior}")
             nn.init.constant_(self.head.bias, math.log(cfg.prior / (1 - cfg.prior)))
         self.attention = nn.Linear(2 * cfg.lstm_hidden, 1) if cfg.pooling == "attention" else None
+        if cfg.box_head_weight < 0:
+            raise ValueError(f"model.box_head_weight must be >= 0, got {cfg.box_head_weight}")
+        self.box_head = nn.Linear(2 * cfg.lstm_hidden, 1) if cfg.box_head_weight > 0 else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.ndim != 5:
@@ -73,6 +79,8 @@ class SliceSequenceClassifier(nn.Module):
         out = {"slice_logits": self.head(seq).squeeze(-1)}    # (B, S)
         if self.attention is not None:
             out["attention"] = torch.softmax(self.attention(seq).squeeze(-1), dim=1)
+        if self.box_head is not None:
+            out["box_logits"] = self.box_head(seq).squeeze(-1)
         return out
 
 
@@ -176,6 +184,20 @@ def weighted_loss(output: dict[str, torch.Tensor], label: torch.Tensor, weight: 
     """``sum(w * l) / sum(w)`` over the batch, ``w`` the metric's per-label weights (B,)."""
     weight = weight.float()
     return (weight * sample_losses(output, label)).sum() / weight.sum().clamp_min(1e-12)
+
+
+def box_loss(output: dict[str, torch.Tensor], target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """The auxiliary slice loss: BCE of ``box_logits`` (B, S) against ``target`` (B, S).
+
+    Only samples with ``known`` (B,) true count; positive slices weigh 2 (as the
+    metric weighs a fractured vertebra). Normalised by the weight sum, and 0 (still
+    attached to the graph) when the batch holds no known sample.
+    """
+    logits = output["box_logits"].float()
+    target = target.float()
+    weight = known.float()[:, None] * (1.0 + target)
+    losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (weight * losses).sum() / weight.sum().clamp_min(1.0)
 
 
 def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:

@@ -40,7 +40,9 @@ from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import (CropStore, StudyDataset, VertebraDataset, available_crops, fill_missing,
                                 prepare_images)
 from stage2_cls.infer import study_probabilities
-from stage2_cls.model import build_model, check_pretrained, study_loss, vertebra_probability, weighted_loss
+from stage2_cls.model import (box_loss, build_model, check_pretrained, study_loss, vertebra_probability,
+                              weighted_loss)
+from stage2_cls.slice_labels import read_box_slices
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,29 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def batch_loss(cfg: Stage2Config, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """The training loss of one batch (``image`` uint8 (B, S, C, H, W), ``label``, ``weight``), mixup included."""
+    """The training loss of one batch (``image`` uint8 (B, S, C, H, W), ``label``, ``weight``), mixup included.
+
+    With an auxiliary slice head (``model.box_head_weight > 0``) its loss on the batch's
+    ``box_target`` / ``box_known`` is added with that weight.
+    """
     images = prepare_images(batch["image"], device)
     label, weight = batch["label"].to(device), batch["weight"].to(device)
+    box_weight = cfg.model.box_head_weight
+    if box_weight > 0:
+        target, known = batch["box_target"].to(device), batch["box_known"].to(device)
+
+    def loss(output: dict, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        value = weighted_loss(output, label[index], weight[index])
+        if box_weight > 0:
+            value = value + box_weight * box_loss(output, target[index], known[index])
+        return value
+
     aug = cfg.augment
     if aug.mixup_p > 0 and len(images) > 1 and np.random.random() < aug.mixup_p:
         images, perm, lam = mixup(images, aug.mixup_alpha)
         output = model(images)
-        return lam * weighted_loss(output, label, weight) + \
-            (1.0 - lam) * weighted_loss(output, label[perm], weight[perm])
-    return weighted_loss(model(images), label, weight)
+        return lam * loss(output) + (1.0 - lam) * loss(output, perm)
+    return loss(model(images))
 
 
 class ClassifierTask:
@@ -71,7 +86,8 @@ class ClassifierTask:
 
     def __init__(self, cfg: Stage2Config, crops_dir: Path, run_dir: Path, fold: int,
                  train_uids: Sequence[str], val_uids: Sequence[str], labels: pd.DataFrame,
-                 decoded_dir: Path | None = None) -> None:
+                 decoded_dir: Path | None = None, box_slices: dict[str, np.ndarray] | None = None) -> None:
+        self.box_slices = box_slices
         self.cfg, self.crops_dir, self.run_dir, self.fold = cfg, crops_dir, run_dir, fold
         self.train_uids, self.val_uids = list(train_uids), list(val_uids)
         table = labels.set_index(STUDY_COL)
@@ -94,7 +110,9 @@ class ClassifierTask:
         vertebrae = slice(0, len(VERTEBRAE))
         train = VertebraDataset(self._store(self.train_uids), self.train_labels[:, vertebrae], train=True,
                                 augment=StackAugmenter(self.cfg.augment),
-                                positive_oversampling=self.cfg.positive_oversampling)
+                                positive_oversampling=self.cfg.positive_oversampling,
+                                box_slices=self.box_slices if self.cfg.model.box_head_weight > 0 else None,
+                                context=self.cfg.crop.context)
         val = VertebraDataset(self._store(self.val_uids), self.val_labels[:, vertebrae], train=False)
         return train, val
 
@@ -196,7 +214,13 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, fold: int
     log.info("stage 2 fold %d: %d training and %d validation studies", fold, len(train_uids), len(val_uids))
     decoded = work_dir / "stage2" / "decoded" if cfg.decoded_cache else None
     task_type = PatientTask if cfg.model.type == 2 else ClassifierTask
-    task = task_type(cfg, work_dir / "crops", run_dir, fold, train_uids, val_uids, labels, decoded)
+    box_slices = None
+    if cfg.model.box_head_weight > 0:
+        if cfg.model.type == 2:
+            log.info("model.box_head_weight applies to the type-1 model only; the type-2 model ignores it")
+        else:
+            box_slices = read_box_slices(data_dir)
+    task = task_type(cfg, work_dir / "crops", run_dir, fold, train_uids, val_uids, labels, decoded, box_slices)
     return fit(task, cfg.train, out_dir, fold=fold, full_config=to_dict(cfg), resume=resume)
 
 

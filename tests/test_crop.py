@@ -86,6 +86,7 @@ def test_crop_writes_files_resumes_and_reports_failures(dataset, work, caplog):
             assert npz["stacks"].shape == (7, 4, 6, 24, 24) and npz["stacks"].dtype == np.uint8
             assert npz["missing"].tolist() == [False] * 3 + [True] * 4
             assert npz["slices"][0].tolist() == [2, 3, 4, 5]
+            assert npz["instance_numbers"].tolist() == list(range(1, S + 1))  # ties fracture boxes to slices
             assert npz["stacks"][:3, :, 5].max() == 255  # the mask channel is filled
     assert not (work / "crops" / f"{BROKEN}.npz").exists()
     assert (work / "crops" / "settings.json").is_file()
