@@ -14,6 +14,8 @@ per-slice BCE against the vertebra label (the winners' recipe: every slice of a
 fractured vertebra is pushed up); with ``pooling: attention`` it is the BCE of
 the attention-pooled vertebra logit. Validation scores the vertebra
 probability (mean of slice probabilities, or the attention output) instead.
+With ``model.box_head_weight > 0`` an auxiliary per-slice loss on the slices
+``train_bounding_boxes.csv`` marks is added (``stage2_cls.slice_labels``).
 """
 from __future__ import annotations
 
