@@ -12,6 +12,7 @@ from common.constants import STUDY_COL
 from common.io import save_npz_atomic
 from stage2_cls.augment import StackAugmenter
 from stage2_cls.dataset import CropStore, VertebraDataset
+from stage2_cls.infer import Stage2Ensemble
 from stage2_cls.model import box_loss, build_model
 from stage2_cls.slice_labels import BOXES_CSV, read_box_slices, slice_targets
 from stage2_cls.train import batch_loss, run
@@ -124,3 +125,8 @@ def test_run_reads_the_boxes_file_and_reports_what_it_labelled(tmp_path, caplog)
     assert "lack instance_numbers" in caplog.text
     assert "slice-level fracture labels: 0 of" in caplog.text
     assert np.isfinite(metrics["score"])
+    # the checkpoint holds the head; inference rebuilds it and ignores its output
+    ensemble = Stage2Ensemble([work_dir / "stage2" / "demo" / "fold0" / "best.pt"], device=torch.device("cpu"))
+    store = CropStore(work_dir / "crops", labels[STUDY_COL].tolist()[:1])
+    vertebra = ensemble.predict(store.study(0), store.missing[0])["type1"]
+    assert vertebra.shape == (7,) and np.isfinite(vertebra).all()
