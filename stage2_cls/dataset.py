@@ -204,14 +204,15 @@ class VertebraDataset(Dataset):
             log.info("training skips %d missing vertebrae of %d", int(store.missing.sum()), store.missing.size)
         self.box_targets, self.box_known = self._box_labels(box_slices, context)
 
-    def _box_labels(self, box_slices: dict[str, np.ndarray] | None, context: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per item: slice targets (M, S) and whether they are known (M,) (see ``stage2_cls.slice_labels``)."""
-        n_slices = self.store.n_slices
-        targets = np.zeros((len(self.items), n_slices), np.float32)
+    def _box_labels(self, box_slices: dict[str, np.ndarray] | None,
+                    context: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """Per item: slice targets (M, S) (None without boxes) and whether they are known (M,)
+        (see ``stage2_cls.slice_labels``)."""
         known = np.zeros(len(self.items), bool)
         if box_slices is None:
-            return targets, known
+            return None, known
         from stage2_cls.slice_labels import slice_targets
+        targets = np.zeros((len(self.items), self.store.n_slices), np.float32)
         positive = self.labels[self.items[:, 0], self.items[:, 1]] > 0.5
         known[~positive] = True  # an intact vertebra shows no fracture on any slice
         lacking = []
@@ -245,7 +246,7 @@ class VertebraDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         i, v = (int(x) for x in self.items[k])
         stack = self.store.stack(i, v)
-        box_target = self.box_targets[k]
+        box_target = self.box_targets[k] if self.box_targets is not None else np.zeros(len(stack), np.float32)
         if self.augment is not None:
             stack, order = self.augment(stack, return_order=True)
             box_target = box_target[order]
