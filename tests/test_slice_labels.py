@@ -73,6 +73,10 @@ def test_dataset_gives_known_slice_targets_and_moves_them_with_the_shuffle(tmp_p
     assert (data.box_targets[positive & boxed_rows] == [0, 1, 0, 0]).all()
     assert not data.box_known[positive & ~boxed_rows].any() and (positive & ~boxed_rows).any()
 
+    plain = VertebraDataset(data.store, y, train=True)  # no boxes given: every item unknown, targets zero
+    item = plain[int(np.flatnonzero(positive & boxed_rows)[0])]
+    assert not bool(item["box_known"]) and item["box_target"].tolist() == [0.0] * 4
+
     shuffled, _, _ = _boxed_dataset(tmp_path / "shuffle", **{"augment.shuffle_p": 1.0, "augment.ssr_p": 0.0,
                                                              "augment.flip_p": 0.0})
     k = int(np.flatnonzero(shuffled.box_targets.any(axis=1))[0])
