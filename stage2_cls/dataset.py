@@ -91,12 +91,15 @@ class CropStore:
         if self.missing.shape[1:] != (N_VERTEBRAE,):
             raise CropFileError(f"{self.crops_dir}: 'missing' must have shape (7,), got {self.missing.shape[1:]}")
 
-    def _read_member(self, uid: str, name: str) -> np.ndarray:
+    def _read_member(self, uid: str, name: str, optional: bool = False) -> np.ndarray | None:
+        """One array of a crop file; with ``optional``, None when the file lacks it."""
         path = crop_path(self.crops_dir, uid)
         if not path.is_file():
             raise CropFileError(f"crop file not found: {path} (run python -m stage2_cls.crop first)")
         try:
             with np.load(path) as data:
+                if optional and name not in data.files:
+                    return None
                 return data[name]
         except KeyError:
             raise CropFileError(f"{path}: no array '{name}' (not a stage-2 crop file?)") from None
@@ -139,20 +142,13 @@ class CropStore:
         """Slices per stack (read from the first study's file; 0 without studies)."""
         return int(self.study(0).shape[1]) if self.uids else 0
 
-    def centres(self, i: int) -> np.ndarray:
-        """Centre slice indices (7, S) of study ``i``'s stacks (``slices`` of its crop file)."""
-        return self._read_member(self.uids[i], "slices").astype(np.int64)
-
-    def instance_numbers(self, i: int) -> np.ndarray | None:
-        """Study ``i``'s InstanceNumber per slice index, or None if its crop file predates them."""
-        path = crop_path(self.crops_dir, self.uids[i])
-        try:
-            with np.load(path) as data:
-                if "instance_numbers" not in data.files:
-                    return None
-        except (OSError, ValueError) as exc:
-            raise CropFileError(f"{path}: unreadable crop file ({exc}); delete it and rerun the crop step") from exc
-        return self._read_member(self.uids[i], "instance_numbers").astype(np.int64)
+    def slice_index(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Study ``i``'s centre slice indices (7, S) (``slices``) and its InstanceNumber per slice
+        index (None if its crop file predates them)."""
+        uid = self.uids[i]
+        numbers = self._read_member(uid, "instance_numbers", optional=True)
+        return (self._read_member(uid, "slices").astype(np.int64),
+                None if numbers is None else numbers.astype(np.int64))
 
     def stack(self, i: int, v: int) -> np.ndarray:
         return np.asarray(self.study(i)[v])
@@ -215,17 +211,19 @@ class VertebraDataset(Dataset):
         targets = np.zeros((len(self.items), self.store.n_slices), np.float32)
         positive = self.labels[self.items[:, 0], self.items[:, 1]] > 0.5
         known[~positive] = True  # an intact vertebra shows no fracture on any slice
-        lacking = []
+        lacking, index = [], {}
         for k in np.flatnonzero(positive):
             i, v = (int(x) for x in self.items[k])
             uid = self.store.uids[i]
             if uid not in box_slices or self.store.missing[i, v]:
                 continue
-            numbers = self.store.instance_numbers(i)
+            if i not in index:  # read once per study, not per vertebra
+                index[i] = self.store.slice_index(i)
+            centres, numbers = index[i]
             if numbers is None:
                 lacking.append(uid)
                 continue
-            targets[k] = slice_targets(numbers, self.store.centres(i)[v], context, box_slices[uid])
+            targets[k] = slice_targets(numbers, centres[v], context, box_slices[uid])
             known[k] = True
         if lacking:
             log.warning("%d crop files of studies with fracture boxes lack instance_numbers (cropped by an "

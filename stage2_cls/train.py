@@ -89,7 +89,6 @@ class ClassifierTask:
     def __init__(self, cfg: Stage2Config, crops_dir: Path, run_dir: Path, fold: int,
                  train_uids: Sequence[str], val_uids: Sequence[str], labels: pd.DataFrame,
                  decoded_dir: Path | None = None, box_slices: dict[str, np.ndarray] | None = None) -> None:
-        self.box_slices = box_slices
         self.cfg, self.crops_dir, self.run_dir, self.fold = cfg, crops_dir, run_dir, fold
         self.train_uids, self.val_uids = list(train_uids), list(val_uids)
         table = labels.set_index(STUDY_COL)
@@ -98,6 +97,7 @@ class ClassifierTask:
         # Missing vertebrae get the training fold's best constant (what an empty input deserves).
         self.prior = best_constant(self.train_labels)[: len(VERTEBRAE)]
         self.decoded_dir = decoded_dir
+        self.box_slices = box_slices  # {uid: InstanceNumbers with a fracture box}, or None
 
     def build_model(self, pretrained_source: bool = True) -> nn.Module:
         return build_model(self.cfg.model, pretrained_source=pretrained_source)
