@@ -38,6 +38,11 @@ class ModelConfig:
     # 1/4, ... resolution), trained on the target averaged down to them (nnU-Net's scheme,
     # weights halving per level); training only, inference uses the full-resolution head.
     deep_supervision: int = 0
+    # 2: no decoder block at the input's resolution; the head works at 1/2 resolution and its
+    # logits are upsampled trilinearly (the last block has no skip connection, so it adds no
+    # detail the input gives; at 64^3 it is a third of a CPU training step), and the last entry of
+    # decoder_channels goes unused. 1: smp's full decoder.
+    head_stride: int = 1
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,13 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # smp-3d warns about timm internals on import
     import segmentation_models_pytorch_3d as smp
+    from segmentation_models_pytorch_3d.base import SegmentationHead
 
 from common.pretrained import (REQUIRED_TENSOR_FRACTION, PretrainedError, create_pretrained, resolve_source,
                                wants_pretrained)
@@ -48,30 +50,45 @@ def class_probs(logits: torch.Tensor, head: str) -> torch.Tensor:
 
 
 class SegUnet(smp.Unet):
-    """smp's Unet with optional deep-supervision heads (the same state-dict keys without them).
+    """smp's Unet with optional deep-supervision heads (the same state-dict keys without them)
+    and an optional half-resolution output stage.
 
+    ``head_stride=2`` drops the decoder's last block (the one that upsamples to the input's
+    resolution with no skip connection to add detail) and puts the segmentation head on the
+    1/2-resolution features; its logits are upsampled trilinearly to the input size, so the
+    output shape is unchanged.
     In training mode with heads, ``forward`` returns ``(logits, [coarser logits, ...])``,
-    the 1/2-resolution output first; otherwise the logits alone.
+    the finest coarser output first; otherwise the logits alone.
     """
 
-    def __init__(self, *args, deep_supervision: int = 0, **kwargs) -> None:
+    def __init__(self, *args, deep_supervision: int = 0, head_stride: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if head_stride not in (1, 2):
+            raise ValueError(f"model.head_stride must be 1 or 2, got {head_stride}")
+        self.head_stride = head_stride
+        if head_stride == 2:
+            del self.decoder.blocks[-1]
+            head = self.segmentation_head[0]
+            self.segmentation_head = SegmentationHead(
+                self.decoder.blocks[-1].conv2[0].out_channels, head.out_channels, kernel_size=head.kernel_size[0])
         self.aux_heads = nn.ModuleList(
             nn.Conv3d(self.decoder.blocks[-2 - i].conv2[0].out_channels,
                       self.segmentation_head[0].out_channels, kernel_size=1)
             for i in range(deep_supervision)) if deep_supervision else None
 
     def forward(self, x: torch.Tensor):
-        if not (self.training and self.aux_heads is not None):
-            return super().forward(x)
         self.check_input_shape(x)               # as smp's own forward does
         features = self.encoder(x)[1:][::-1]   # deepest first, as smp's decoder takes them
         out, skips, outputs = self.decoder.center(features[0]), features[1:], []
         for i, block in enumerate(self.decoder.blocks):
             out = block(out, skips[i] if i < len(skips) else None)
             outputs.append(out)
-        aux = [head(outputs[-2 - i]) for i, head in enumerate(self.aux_heads)]
-        return self.segmentation_head(out), aux
+        logits = self.segmentation_head(out)
+        if self.head_stride > 1:
+            logits = F.interpolate(logits, size=x.shape[2:], mode="trilinear", align_corners=False)
+        if not (self.training and self.aux_heads is not None):
+            return logits
+        return logits, [head(outputs[-2 - i]) for i, head in enumerate(self.aux_heads)]
 
 
 def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
@@ -84,13 +101,15 @@ def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
     ``pretrained_source=False`` ignores both settings: rebuilding from a
     checkpoint (which holds every weight) and random-weight benchmarks use it.
     """
-    if not 0 <= cfg.deep_supervision < len(cfg.decoder_channels):
-        raise ValueError(f"model.deep_supervision must be in 0..{len(cfg.decoder_channels) - 1}, "
-                         f"got {cfg.deep_supervision}")
+    levels = len(cfg.decoder_channels) - (cfg.head_stride == 2)   # decoder outputs left
+    if not 0 <= cfg.deep_supervision < levels:
+        raise ValueError(f"model.deep_supervision must be in 0..{levels - 1} (decoder_channels "
+                         f"{tuple(cfg.decoder_channels)}, head_stride {cfg.head_stride}), got {cfg.deep_supervision}")
     model = SegUnet(
         encoder_name=cfg.encoder, encoder_weights=None, in_channels=cfg.in_channels,
         classes=output_channels(cfg), decoder_channels=tuple(cfg.decoder_channels),
-        encoder_depth=len(cfg.decoder_channels), deep_supervision=cfg.deep_supervision)
+        encoder_depth=len(cfg.decoder_channels), deep_supervision=cfg.deep_supervision,
+        head_stride=cfg.head_stride)
     # The classification head of the efficientnet-b* encoders is never run by the U-Net;
     # dropping it keeps DDP from waiting for gradients that never come.
     for name in ("_conv_head", "_bn1"):

@@ -114,6 +114,34 @@ def test_deep_supervision_trains_coarse_heads_and_leaves_inference_alone():
         build_model(ModelConfig(deep_supervision=5, **SMALL))
 
 
+def test_half_resolution_head_keeps_the_output_size_and_drops_only_the_last_block():
+    torch.manual_seed(0)
+    full = build_model(ModelConfig(**SMALL))
+    half = build_model(ModelConfig(head_stride=2, deep_supervision=2, prior=0.01, **SMALL))
+    # the full-resolution decoder block is gone, the head reads the 1/2-resolution features
+    assert len(half.decoder.blocks) == len(full.decoder.blocks) - 1
+    assert not any(k.startswith("decoder.blocks.4.") for k in half.state_dict())
+    assert half.segmentation_head[0].in_channels == SMALL["decoder_channels"][-2]
+    x = torch.rand(2, 1, 32, 32, 32)
+    logits, coarse = half.train()(x)
+    assert logits.shape == (2, 7, 32, 32, 32) and [c.shape[2:] for c in coarse] == [(8,) * 3, (4,) * 3]
+    with torch.no_grad():
+        out = half.eval()(x)
+    assert out.shape == (2, 7, 32, 32, 32)
+    assert 0.005 < float(torch.sigmoid(out).mean()) < 0.02             # the prior reaches the new head
+    # upsampled from 16^3: neighbouring voxel pairs differ far less than a random map's would
+    assert (out[..., 1:] - out[..., :-1]).abs().mean() < 0.3 * out.std()   # 0.4 with head_stride 1
+    target = torch.zeros(2, 7, 32, 32, 32)
+    target[:, 2, 8:24, 8:24, 8:24] = 1
+    loss = supervised_loss(half.train()(x), target, Stage1Config(model=ModelConfig(head_stride=2, **SMALL)))
+    loss.backward()
+    assert half.segmentation_head[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="head_stride"):
+        build_model(ModelConfig(head_stride=4, **SMALL))
+    with pytest.raises(ValueError, match="deep_supervision"):   # one decoder output fewer to supervise
+        build_model(ModelConfig(head_stride=2, deep_supervision=4, **SMALL))
+
+
 def test_augment_keeps_shapes_and_alignment():
     torch.manual_seed(0)
     image = torch.zeros(1, 16, 32, 32)
