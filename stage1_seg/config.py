@@ -35,8 +35,9 @@ class ModelConfig:
     # 0 keeps the layer's default (probability ~0.5). A vertebra fills ~0.2% of the cube.
     prior: float = 0.0
     # Deep supervision: extra 1x1x1 heads on this many of the decoder's coarser outputs (1/2,
-    # 1/4, ... resolution), trained on the target averaged down to them (nnU-Net's scheme,
-    # weights halving per level); training only, inference uses the full-resolution head.
+    # 1/4, ... resolution; 1/4, 1/8, ... with head_stride 2), trained on the target averaged down
+    # to them (nnU-Net's scheme, weights halving per level); training only, inference uses the
+    # main head.
     deep_supervision: int = 0
     # 2: no decoder block at the input's resolution; the head works at 1/2 resolution and its
     # logits are upsampled trilinearly (the last block has no skip connection, so it adds no
