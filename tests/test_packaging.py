@@ -78,3 +78,26 @@ def test_the_wheel_carries_the_configs_and_runs_from_anywhere(tmp_path):
                           env={**_env_without_checkout(), "PYTHONPATH": str(site)}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "demo"
+
+
+def _make_dry_run(folder: Path) -> str:
+    done = subprocess.run(["make", "-n", "install", f"PYTHON={sys.executable}"], cwd=folder,
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+@pytest.mark.skipif(subprocess.run(["which", "make"], capture_output=True).returncode != 0, reason="no make")
+def test_make_installs_once_per_environment_and_again_when_pyproject_changes(tmp_path):
+    (tmp_path / "Makefile").write_text((ROOT / "Makefile").read_text())
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    assert "pip install" in _make_dry_run(tmp_path)  # nothing installed yet
+    stamps = subprocess.run(["make", "-n", "-p", "install", f"PYTHON={sys.executable}"], cwd=tmp_path,
+                            capture_output=True, text=True).stdout
+    stamp = re.search(r"^INSTALLED := (\S+)$", stamps, re.M).group(1)
+    assert stamp.startswith(".make/installed-")
+    (tmp_path / stamp).parent.mkdir()
+    (tmp_path / stamp).touch()
+    assert "pip install" not in _make_dry_run(tmp_path)  # the stamp says this environment has it
+    later = (tmp_path / stamp).stat().st_mtime + 10
+    os.utime(tmp_path / "pyproject.toml", (later, later))
+    assert "pip install" in _make_dry_run(tmp_path)  # the dependencies may have changed
