@@ -29,7 +29,7 @@ test-fast: install      ## the fast tier only
 demo: install           ## the whole pipeline on a synthetic dataset, on the CPU
 	$(PYTHON) -m tooling.demo --out demo
 
-recipe-check: install   ## the demo recipe on four independent synthetic datasets (about 22 min each on 2 cores)
+recipe-check: install   ## the demo recipe on four independent synthetic datasets (about 23 min each on 2 cores)
 	$(PYTHON) -m tooling.recipe_check --out recipe_check
 
 clean:
