@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -86,7 +87,7 @@ def _make_dry_run(folder: Path) -> str:
     return done.stdout
 
 
-@pytest.mark.skipif(subprocess.run(["which", "make"], capture_output=True).returncode != 0, reason="no make")
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_make_installs_once_per_environment_and_again_when_pyproject_changes(tmp_path):
     (tmp_path / "Makefile").write_text((ROOT / "Makefile").read_text())
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
