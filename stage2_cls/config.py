@@ -46,8 +46,14 @@ class ModelConfig:
     # without (vertebra AUC 0.89 / 0.96 against 0.88 / 0.95); the head's own slice probabilities
     # rank vertebrae no better (max over slices: AUC 0.87 / 0.93).
     box_head_weight: float = 0.0
-    # Type 2 only: slices per checkpointed backbone chunk (0: none). A study at 224 px is 105
-    # slice images; recomputing their activations in the backward pass keeps batch 2 in 16 GB.
+    # Type 2 only: slice images per checkpointed backbone chunk (0: none): their activations are
+    # recomputed in the backward pass. A study at 224 px is 105 slice images. Measured
+    # (python -m tooling.bench.stage2_model --configs real --types 1 2, and time_model with other
+    # chunks; convnext_nano, 15 x 224 px, batch 2 studies), peak training memory and studies/s:
+    # H200, bf16 autocast: no checkpointing 8.7 GB, 26.2/s; chunks of 105 4.5 GB, 17.0/s;
+    # of 35 1.9 GB, 7.5/s; fp32 without 14.2 GB, 12.6/s. H100, bf16: 8.7 GB, 24.9/s without;
+    # chunks of 15 1.2 GB, 3.9/s. So batch 2 fits a 16 GB GPU without it (AMP on CUDA is the
+    # default); small chunks cost 3-6x the time: use it only for larger batches or smaller GPUs.
     checkpoint_chunk: int = 0
 
 
