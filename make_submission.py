@@ -31,7 +31,7 @@ from common.constants import PRED_CLIP, STUDY_COL, TARGETS
 from common.dicom import Study, load_study
 from common.io import remove_stale_temporaries, write_csv_atomic
 from common.metric import best_constant, read_labels_csv, read_test_csv, validate_submission, wide_to_submission
-from stage1_seg.boxes import vertebra_boxes
+from stage1_seg.boxes import OFFSETS_FILE, apply_box_offsets, cube_slices, read_box_offsets, vertebra_boxes
 from stage1_seg.infer import Stage1Ensemble
 from stage2_cls.calibration import apply_calibration
 from stage2_cls.dataset import fill_missing
@@ -75,6 +75,10 @@ class Predictor:
         predict = self.stage1.config.predict
         self.box_cfg = {"threshold": predict.threshold, "fallback": predict.fallback_threshold,
                         "min_voxels": predict.min_voxels}
+        # the slice-range bias stage1_seg.predict fitted for these checkpoints, beside their fold folders
+        offsets_path = s1[0].parent.parent / OFFSETS_FILE
+        self.box_offsets = read_box_offsets(offsets_path) if offsets_path.is_file() else None
+        log.info("stage 1: box offsets %s", offsets_path if self.box_offsets is not None else "none")
         self.rule = self.ensemble["overall"] if 2 in self.stage2.types else "vertebrae"
         calibration = self.ensemble["calibration"]
         log.info("stage 2: types %s, patient_overall from %s; calibration: %s", self.stage2.types, self.rule,
@@ -87,6 +91,8 @@ class Predictor:
         t = time.perf_counter()
         probs, region = self.stage1.predict_hu(study.hu, study.spacing, n_models=1 if cheap else None)
         boxes = vertebra_boxes(probs, study.hu.shape, study.uid, region=region, **self.box_cfg)
+        if self.box_offsets is not None:
+            boxes = apply_box_offsets(boxes, self.box_offsets, cube_slices(region, probs.shape[1]), study.hu.shape[0])
         times["stage1"] = _lap(t)
         t = time.perf_counter()
         stacks = build_stacks(study.hu, probs, boxes, self.stage2.crop, region)

@@ -6,9 +6,15 @@ The box table has one row per study and vertebra:
 ``y0:y1`` and ``x0:x1`` are half-open pixel ranges; ``status`` is ``found`` (at the
 main threshold), ``weak`` (only at the fallback threshold) or ``missing`` (all
 coordinates -1).
+
+Box offsets correct a model's slice-range bias: the median signed error of each vertebra's
+start and end (in cube voxels), fitted by ``stage1_seg.predict`` on the studies that have
+masks and subtracted from every study's range (``box_offsets.json`` beside the fold
+checkpoints; ``make_submission`` applies the same file).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +166,68 @@ def boxes_from_labels(labels: np.ndarray, uid: str) -> pd.DataFrame:
             row.update(z0=-1, z1=-1, y0=-1, y1=-1, x0=-1, x1=-1, voxels=0, status="missing")
         rows.append(row)
     return pd.DataFrame(rows, columns=BOX_COLUMNS)
+
+
+# --- Box offsets: the slice-range bias of a stage-1 model, fitted on the studies with masks ---
+
+OFFSETS_FILE = "box_offsets.json"
+
+
+def cube_slices(region: np.ndarray, depth: int) -> float:
+    """Study slices per cube voxel along z for probabilities of ``depth`` covering ``region``."""
+    return float(region[1] - region[0]) / depth
+
+
+def z_errors(pred: np.ndarray, truth: np.ndarray, slices_per_voxel: float) -> np.ndarray:
+    """Signed errors ``(7, 2)`` of predicted minus true ``(z0, z1)`` in cube voxels; NaN where
+    either is missing (-1). ``pred`` and ``truth`` are ``(7, 2)`` inclusive slice ranges."""
+    pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
+    err = (pred - truth) / slices_per_voxel
+    err[(pred < 0).any(axis=1) | (truth < 0).any(axis=1)] = np.nan
+    return err
+
+
+def fit_box_offsets(errors: np.ndarray, min_count: int = 5) -> np.ndarray:
+    """Per-vertebra offsets ``(7, 2)`` (start, end; cube voxels) from signed errors ``(N, 7, 2)``:
+    the median error of each, 0 where fewer than ``min_count`` studies have that vertebra."""
+    errors = np.asarray(errors, np.float64).reshape(-1, len(VERTEBRAE), 2)
+    counts = np.isfinite(errors).sum(axis=0)
+    with np.errstate(all="ignore"):
+        median = np.nanmedian(errors, axis=0) if len(errors) else np.zeros((len(VERTEBRAE), 2))
+    return np.where(counts >= min_count, np.nan_to_num(median), 0.0)
+
+
+def apply_box_offsets(boxes: pd.DataFrame, offsets: np.ndarray, slices_per_voxel: float,
+                      n_slices: int) -> pd.DataFrame:
+    """One study's seven box rows with each found or weak slice range moved by minus its
+    vertebra's offset (cube voxels, scaled to this study's slices), kept inside the study."""
+    out = boxes.copy()
+    present = out["status"].to_numpy() != "missing"
+    shift = np.round(np.asarray(offsets, np.float64) * slices_per_voxel).astype(np.int64)   # (7, 2)
+    z0 = np.clip(out["z0"].to_numpy() - shift[:, 0], 0, n_slices - 1)
+    z1 = np.clip(out["z1"].to_numpy() - shift[:, 1], 0, n_slices - 1)
+    out.loc[present, "z0"] = np.minimum(z0, z1)[present]
+    out.loc[present, "z1"] = np.maximum(z0, z1)[present]
+    return out
+
+
+def write_box_offsets(path: str | Path, offsets: np.ndarray, studies: int) -> None:
+    offsets = np.asarray(offsets, np.float64)
+    Path(path).write_text(json.dumps({
+        "unit": "cube voxels; subtracted from each predicted slice range (start, end)",
+        "studies": int(studies), "vertebrae": list(VERTEBRAE),
+        "z0": [round(float(v), 3) for v in offsets[:, 0]], "z1": [round(float(v), 3) for v in offsets[:, 1]]},
+        indent=2))
+
+
+def read_box_offsets(path: str | Path) -> np.ndarray:
+    """Offsets ``(7, 2)`` from a file written by :func:`write_box_offsets`; an error naming it otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        offsets = np.stack([np.asarray(data["z0"], np.float64), np.asarray(data["z1"], np.float64)], axis=1)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a box-offsets file ({exc})") from exc
+    if offsets.shape != (len(VERTEBRAE), 2) or not np.isfinite(offsets).all():
+        raise ValueError(f"{path}: expected 7 finite start and end offsets, got shape {offsets.shape}")
+    return offsets

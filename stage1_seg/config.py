@@ -76,6 +76,15 @@ class PredictConfig:
     fallback_threshold: float = 0.05
     min_voxels: int = 8
     splits: tuple[str, ...] = ("train",)  # "train" and/or "test"
+    # Fit the model's slice-range bias on the predicted studies that have masks (median signed
+    # error of each vertebra's start and end, in cube voxels) and subtract it from every box
+    # (stage1_seg.boxes). Needs box_offsets_min_studies such studies; make_submission applies
+    # the fitted file. The demo model's ranges come out about one cube voxel towards the head for
+    # C3-C7, and C2 starts ~3 voxels late (the dens goes to C1), on studies it trained on and on
+    # held-out ones alike. Recipe check, held-out studies without masks, z-IoU >= 0.7:
+    # varied-96 76.8% -> 94.6% (mean 0.756 -> 0.891).
+    box_offsets: bool = True
+    box_offsets_min_studies: int = 5
 
 
 @dataclass(frozen=True)

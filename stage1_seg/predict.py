@@ -4,8 +4,12 @@
 
 Writes ``work/stage1/<run>/masks/<uid>.npz`` (``probs`` uint8 (7, d, h, w),
 ``shape`` (S, H, W), ``region`` (6,): the part of the study the probabilities cover,
-``boxes`` and ``status``) study by study, skipping studies
-already done, then gathers ``work/stage1/<run>/boxes.csv``.
+``boxes`` and ``status`` as the model gives them; with a mask also ``ziou`` and the true
+slice ranges ``true_z``) study by study, skipping studies already done. Then, with
+``predict.box_offsets``, fits the model's slice-range bias on the studies with masks
+(``box_offsets.json``; see ``stage1_seg.boxes``; with fewer than
+``predict.box_offsets_min_studies`` such studies an earlier file of the run is used, else
+none) and gathers ``work/stage1/<run>/boxes.csv`` with it applied.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from common.constants import STUDY_COL, VERTEBRAE
 from common.dicom import load_study
 from common.io import remove_stale_temporaries, save_npz_atomic, write_csv_atomic, write_json_atomic
 from common.nifti import load_rsna_mask
-from stage1_seg.boxes import BOX_COLUMNS, STATUSES, boxes_from_labels, vertebra_boxes, z_iou
+from stage1_seg.boxes import (BOX_COLUMNS, OFFSETS_FILE, STATUSES, apply_box_offsets, boxes_from_labels, cube_slices,
+                              fit_box_offsets, read_box_offsets, vertebra_boxes, write_box_offsets, z_errors, z_iou)
 from stage1_seg.config import Stage1Config
 from stage1_seg.infer import Stage1Ensemble, find_checkpoints
 
@@ -55,17 +60,23 @@ def predict_study(ensemble: Stage1Ensemble, folder: Path, cfg: Stage1Config,
     """Everything saved for one study: probs, shape, box coordinates and status codes.
 
     With a ground-truth ``mask_path``, also the z-IoU of each predicted slice range
-    with the true one (``ziou`` (7,), NaN where the vertebra is absent from the truth).
+    with the true one (``ziou`` (7,), NaN where the vertebra is absent from the truth) and
+    the true ranges (``true_z`` (7, 2), -1 where absent).
     """
     study = load_study(folder, tolerant=True)
     probs, region = ensemble.predict_hu(study.hu, study.spacing)
     out, boxes = study_outputs(probs, region, study.hu.shape, study.uid, cfg)
     if mask_path is not None:
         truth = boxes_from_labels(load_rsna_mask(mask_path, study), study.uid)
-        out["ziou"] = np.array([
-            z_iou((pr.z0, pr.z1), (tr.z0, tr.z1)) if tr.status != "missing" else np.nan
-            for pr, tr in zip(boxes.itertuples(), truth.itertuples())])
+        out["ziou"] = ziou_rows(boxes, truth)
+        out["true_z"] = truth[["z0", "z1"]].to_numpy(np.int64)
     return out
+
+
+def ziou_rows(boxes: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
+    """z-IoU (7,) of predicted against true slice ranges; NaN where the truth has no vertebra."""
+    return np.array([z_iou((pr.z0, pr.z1), (tr.z0, tr.z1)) if tr.z0 >= 0 else np.nan
+                     for pr, tr in zip(boxes.itertuples(), truth.itertuples())])
 
 
 def _segmentation(data_dir: Path, split: str, uid: str) -> Path | None:
@@ -96,7 +107,7 @@ def run(cfg: Stage1Config, data_dir: Path, work_dir: Path, splits: Sequence[str]
     for folder in (run_dir, mask_dir):
         if folder.is_dir():
             remove_stale_temporaries(folder)
-    done, failed, frames, zious = 0, [], [], []
+    done, failed, studies = 0, [], []
     jobs = [(split, uid) for split in (splits or cfg.predict.splits) for uid in list_studies(data_dir, split)]
     jobs = jobs[:limit] if limit else jobs
     for split, uid in tqdm(jobs, desc="stage1 predict", dynamic_ncols=True):
@@ -111,23 +122,55 @@ def run(cfg: Stage1Config, data_dir: Path, work_dir: Path, splits: Sequence[str]
                 log.error("study %s failed: %s", uid, exc)
                 failed.append(uid)
                 continue
-        frames.append(boxes_from_npz(path, uid))
         with np.load(path) as data:
-            if "ziou" in data:
-                zious.append(data["ziou"])
+            studies.append((boxes_from_npz(path, uid), cube_slices(data["region"], data["probs"].shape[1]),
+                            int(data["shape"][0]), data["true_z"] if "true_z" in data else None))
+    offsets, fitted_on = box_offsets(cfg, run_dir, studies)
+    frames = [apply_box_offsets(frame, offsets, vox, n) if offsets is not None else frame
+              for frame, vox, n, _ in studies]
     boxes = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BOX_COLUMNS)
     write_csv_atomic(run_dir / "boxes.csv", boxes)
     summary = {"studies": len(jobs), "predicted": done, "skipped": len(jobs) - done - len(failed),
                "failed": failed, "status_counts": boxes["status"].value_counts().to_dict(),
-               "models": len(ensemble.models), "device": str(ensemble.device)}
-    if zious:  # how well the boxes cover the true vertebra slice ranges, on segmented studies
-        values = np.concatenate(zious)
-        values = values[~np.isnan(values)]
-        summary.update(ziou_studies=len(zious), ziou_mean=float(values.mean()),
-                       ziou_frac_ge_0_7=float((values >= 0.7).mean()))
+               "models": len(ensemble.models), "device": str(ensemble.device),
+               "box_offsets": None if offsets is None else np.round(offsets, 3).tolist(),
+               "box_offsets_fitted_on": fitted_on}
+    truths = [(raw, frame, true) for (raw, _, _, true), frame in zip(studies, frames) if true is not None]
+    if truths:  # how well the boxes cover the true vertebra slice ranges, on segmented studies
+        truth_frames = [pd.DataFrame(true, columns=["z0", "z1"]) for _, _, true in truths]
+        for key, index in (("ziou", 0), ("ziou_with_offsets", 1)):
+            values = np.concatenate([ziou_rows(t[index], tf) for t, tf in zip(truths, truth_frames)])
+            values = values[~np.isnan(values)]
+            summary.update({f"{key}_mean": float(values.mean()), f"{key}_frac_ge_0_7": float((values >= 0.7).mean())})
+        summary["ziou_studies"] = len(truths)  # ziou_with_offsets: on the studies the offsets were fitted on
     write_json_atomic(run_dir / "predict_summary.json", summary)
     log.info("stage 1 predict: %s", {k: v for k, v in summary.items() if k != "failed"})
     return summary
+
+
+def box_offsets(cfg: Stage1Config, run_dir: Path, studies: list) -> tuple[np.ndarray | None, int | str | None]:
+    """The run's box offsets and what they were fitted on: fitted now on ``studies`` (rows of
+    (boxes, slices per cube voxel, slices, true ranges or None)) when enough have masks and
+    written to ``box_offsets.json``; else that file from an earlier prediction; else none."""
+    p = cfg.predict
+    if not p.box_offsets:
+        return None, None
+    path = run_dir / OFFSETS_FILE
+    errors = [z_errors(frame[["z0", "z1"]].to_numpy(), true, vox) for frame, vox, _, true in studies
+              if true is not None]
+    if len(errors) >= p.box_offsets_min_studies:
+        offsets = fit_box_offsets(np.stack(errors), p.box_offsets_min_studies)
+        write_box_offsets(path, offsets, len(errors))
+        log.info("box offsets fitted on %d studies with masks (cube voxels, start / end): %s", len(errors),
+                 ", ".join(f"{v} {a:+.2f} / {b:+.2f}" for v, (a, b) in zip(VERTEBRAE, offsets)))
+        return offsets, len(errors)
+    if path.is_file():
+        log.info("box offsets from %s (%d studies with masks here, %d needed to refit)", path, len(errors),
+                 p.box_offsets_min_studies)
+        return read_box_offsets(path), str(path.name)
+    log.warning("no box offsets: %d studies with masks among those predicted, %d needed, and no %s yet "
+                "(predict the train split first)", len(errors), p.box_offsets_min_studies, path)
+    return None, None
 
 
 def _arguments(parser) -> None:

@@ -57,8 +57,8 @@ def download_dependencies(out: Path, python: str) -> None:
 
 
 def copy_models(work_dir: Path, out: Path, stage1_run: str, stage2_run: str) -> dict:
-    """Copy best.pt of every fold of the stage-1 run and of the stage-2 runs, ``ensemble.json``, and
-    write submission.yaml.
+    """Copy best.pt of every fold of the stage-1 run (and its ``box_offsets.json``) and of the
+    stage-2 runs, ``ensemble.json``, and write submission.yaml.
 
     The stage-2 runs are those ``work/stage2/ensemble.json`` (written by stage2_cls.report)
     names, or ``stage2_run`` when there is none.
@@ -75,6 +75,10 @@ def copy_models(work_dir: Path, out: Path, stage1_run: str, stage2_run: str) -> 
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ckpt, target)
             copied[stage].append(str(target.relative_to(out)))
+    offsets = work_dir / "stage1" / stage1_run / "box_offsets.json"   # stage1_seg.predict's, if fitted
+    if offsets.is_file():
+        shutil.copy2(offsets, out / "stage1" / stage1_run / offsets.name)
+        copied["stage1"].append(f"stage1/{stage1_run}/{offsets.name}")
     config = {"stage1_checkpoints": f"stage1/{stage1_run}/fold*/best.pt",
               "stage2_checkpoints": f"stage2/{runs[0]}/fold*/best.pt"}
     if ensemble.is_file():

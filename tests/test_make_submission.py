@@ -159,3 +159,37 @@ def test_study_reader_decodes_ahead_and_keeps_errors_with_their_study(tmp_path):
         assert reader.get(folders[3])[0].hu[0, 0, 0] == 3
     finally:
         reader.close()
+
+
+def test_box_offsets_beside_the_stage1_checkpoints_move_the_boxes(setup, tmp_path, monkeypatch):
+    """make_submission applies the slice-range offsets stage1_seg.predict fitted for its checkpoints."""
+    import shutil
+
+    from stage1_seg.boxes import apply_box_offsets, cube_slices, write_box_offsets
+    models = tmp_path / "models"
+    shutil.copytree(setup / "models", models)
+    seen = []
+    original = make_submission.build_stacks
+
+    def spy(hu, probs, boxes, cfg, region):
+        seen.append((boxes.copy(), cube_slices(region, probs.shape[1]), hu.shape[0]))
+        return original(hu, probs, boxes, cfg, region)
+
+    monkeypatch.setattr(make_submission, "build_stacks", spy)
+    cfg = _config(setup)
+    make_submission.run(cfg, setup / "data", models, tmp_path / "plain.csv")
+    plain = seen[:]
+    (run_dir,) = {p.parent.parent for p in models.glob("stage1/*/fold*/best.pt")}
+    offsets = np.array([[-1.0, -1.5]] * 7)  # ranges moved one to 1.5 cube voxels towards the feet
+    write_box_offsets(run_dir / "box_offsets.json", offsets, studies=5)
+    seen.clear()
+    make_submission.run(cfg, setup / "data", models, tmp_path / "shifted.csv")
+    changed = 0
+    for (before, vox, n), (after, _, _) in zip(plain, seen):
+        expected = apply_box_offsets(before, offsets, vox, n)
+        assert after[["z0", "z1"]].to_numpy().tolist() == expected[["z0", "z1"]].to_numpy().tolist()
+        changed += int((after[["z0", "z1"]].to_numpy() != before[["z0", "z1"]].to_numpy()).any())
+    assert changed > 0
+    (run_dir / "box_offsets.json").write_text("{broken")
+    with pytest.raises(ValueError, match="box_offsets.json"):
+        make_submission.run(cfg, setup / "data", models, tmp_path / "broken.csv")

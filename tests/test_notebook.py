@@ -3,12 +3,14 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from nbclient import NotebookClient
 
 from common.metric import validate_submission
+from stage1_seg.boxes import write_box_offsets
 from tests.tiny_models import write_tiny_dataset, write_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +46,9 @@ def test_notebook_writes_a_valid_submission_offline(tmp_path, monkeypatch):
     work = tmp_path / "work"
     write_tiny_models(work)
     models = kaggle / "input" / "rsna-csfd-models"
+    write_box_offsets(work / "stage1" / "tiny" / "box_offsets.json", np.full((7, 2), 0.5), studies=5)
     copied = copy_models(work, models, "tiny", "tiny")
-    assert copied["stage1"] == ["stage1/tiny/fold0/best.pt"]
+    assert copied["stage1"] == ["stage1/tiny/fold0/best.pt", "stage1/tiny/box_offsets.json"]
     assert yaml.safe_load((models / "submission.yaml").read_text())["stage2_checkpoints"] == "stage2/tiny/fold*/best.pt"
     wheels = kaggle / "input" / "rsna-csfd-wheels"
     assert build_project_wheel(wheels).name.startswith("rsna_csfd-")

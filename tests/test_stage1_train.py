@@ -16,6 +16,7 @@ from common.checkpoint import load_checkpoint
 from common.config import load_config
 from tooling.synth import make_dataset
 from stage1_seg import predict, train
+from stage1_seg.boxes import apply_box_offsets, cube_slices, read_box_offsets
 from configs import config_path
 from stage1_seg.config import Stage1Config
 
@@ -62,8 +63,24 @@ def test_train_one_fold_writes_everything(data, tmp_path):
     with np.load(next((tmp_path / "stage1" / "tiny" / "masks").glob("*.npz"))) as npz:
         assert npz["probs"].shape == (7, 32, 32, 32) and npz["probs"].dtype == np.uint8
     assert summary["ziou_studies"] == 6
+    # the slice-range bias is fitted on the 6 studies with masks and applied to every box
+    run_dir = tmp_path / "stage1" / "tiny"
+    assert summary["box_offsets_fitted_on"] == 6
+    offsets = read_box_offsets(run_dir / "box_offsets.json")
+    assert np.allclose(offsets, summary["box_offsets"], atol=1e-3)
+    for uid, rows in boxes.groupby("StudyInstanceUID"):
+        path = run_dir / "masks" / f"{uid}.npz"
+        with np.load(path) as npz:
+            vox, n = cube_slices(npz["region"], npz["probs"].shape[1]), int(npz["shape"][0])
+        expected = apply_box_offsets(predict.boxes_from_npz(path, uid), offsets, vox, n)
+        assert rows[["z0", "z1"]].to_numpy().tolist() == expected[["z0", "z1"]].to_numpy().tolist()
     again = predict.run(_cfg(), data, tmp_path, splits=["train", "test"])
     assert again["predicted"] == 0 and again["skipped"] == 8  # resumable
+    # the test split alone has no masks: the run's fitted file is used
+    test_only = predict.run(_cfg(), data, tmp_path, splits=["test"])
+    assert test_only["box_offsets_fitted_on"] == "box_offsets.json"
+    no_offsets = predict.run(_cfg("predict.box_offsets=false"), data, tmp_path, splits=["test"])
+    assert no_offsets["box_offsets"] is None
 
 
 @pytest.mark.slow

@@ -280,3 +280,58 @@ def test_slice_ranges_are_finer_than_a_cube_voxel():
     low = resample_labels(labels, (16, 16, 16))
     row = vertebra_boxes(low, labels.shape, "u", threshold=0.5, fallback=0.5, min_voxels=1).iloc[4]
     assert abs(row.z0 - 37) <= 2 and abs(row.z1 - 58) <= 2
+
+
+def _box_frame(z0, z1, status=None):
+    from common.constants import VERTEBRAE
+    import pandas as pd
+    status = status or ["found"] * 7
+    return pd.DataFrame({"StudyInstanceUID": "u", "vertebra": list(VERTEBRAE), "z0": z0, "z1": z1,
+                         "y0": 0, "y1": 8, "x0": 0, "x1": 8, "voxels": 10, "status": status})
+
+
+def test_box_offsets_undo_a_systematic_shift():
+    from stage1_seg.boxes import apply_box_offsets, fit_box_offsets, z_errors
+    rng = np.random.default_rng(0)
+    true = np.stack([np.arange(7) * 10 + 5, np.arange(7) * 10 + 14], axis=1)
+    shift = np.array([[-2.0, -2.0]] * 6 + [[1.0, 3.0]])             # cube voxels; C7 its own bias
+    vox = 2.0                                                          # study slices per cube voxel
+    errors = []
+    for _ in range(9):
+        pred = true + np.round((shift + rng.integers(-1, 2, size=(7, 2)) * 0.5) * vox).astype(int)
+        errors.append(z_errors(pred, true, vox))
+    errors[0][3] = np.nan                                              # a vertebra the truth lacks
+    offsets = fit_box_offsets(np.stack(errors), min_count=5)
+    assert np.allclose(offsets, shift, atol=0.5)
+    # applied to a study whose boxes carry the same shift, the true ranges come back
+    pred = true + np.round(shift * vox).astype(int)
+    fixed = apply_box_offsets(_box_frame(pred[:, 0], pred[:, 1]), offsets, vox, n_slices=90)
+    assert np.abs(fixed[["z0", "z1"]].to_numpy() - true).max() <= 1
+    # too few studies with a vertebra: no offset for it
+    assert not fit_box_offsets(np.stack(errors[:3]), min_count=5).any()
+
+
+def test_box_offsets_leave_missing_rows_and_stay_inside_the_study():
+    from stage1_seg.boxes import apply_box_offsets
+    status = ["missing"] + ["found"] * 5 + ["weak"]
+    frame = _box_frame([-1, 0, 10, 20, 30, 40, 50], [-1, 9, 19, 29, 39, 49, 59], status)
+    offsets = np.array([[5.0, 5.0]] * 7)
+    out = apply_box_offsets(frame, offsets, 1.0, n_slices=60)
+    assert out.loc[0, ["z0", "z1"]].tolist() == [-1, -1]               # missing stays missing
+    assert out.loc[1, ["z0", "z1"]].tolist() == [0, 4]                 # clipped at the first slice
+    assert out.loc[6, ["z0", "z1"]].tolist() == [45, 54]               # weak rows move too
+    out = apply_box_offsets(frame, -offsets * 3, 1.0, n_slices=60)
+    assert out["z1"].max() == 59 and (out["z0"] <= out["z1"]).all()
+
+
+def test_box_offsets_file_round_trip_and_bad_files(tmp_path):
+    from stage1_seg.boxes import read_box_offsets, write_box_offsets
+    offsets = np.arange(14, dtype=float).reshape(7, 2) / 4
+    write_box_offsets(tmp_path / "o.json", offsets, studies=12)
+    assert np.allclose(read_box_offsets(tmp_path / "o.json"), offsets)
+    (tmp_path / "bad.json").write_text('{"z0": [1, 2], "z1": [1, 2]}')
+    with pytest.raises(ValueError, match="bad.json"):
+        read_box_offsets(tmp_path / "bad.json")
+    (tmp_path / "cut.json").write_text('{"z0": [1, 2')
+    with pytest.raises(ValueError, match="cut.json: not a box-offsets file"):
+        read_box_offsets(tmp_path / "cut.json")
