@@ -15,6 +15,7 @@ checkpoints; ``make_submission`` applies the same file).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,8 @@ def fit_box_offsets(errors: np.ndarray, min_count: int = 5) -> np.ndarray:
     the median error of each, 0 where fewer than ``min_count`` studies have that vertebra."""
     errors = np.asarray(errors, np.float64).reshape(-1, len(VERTEBRAE), 2)
     counts = np.isfinite(errors).sum(axis=0)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():   # a vertebra no study has: NaN here, 0 below
+        warnings.simplefilter("ignore", RuntimeWarning)
         median = np.nanmedian(errors, axis=0) if len(errors) else np.zeros((len(VERTEBRAE), 2))
     return np.where(counts >= min_count, np.nan_to_num(median), 0.0)
 
