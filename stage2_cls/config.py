@@ -55,6 +55,16 @@ class ModelConfig:
     # chunks of 15 1.2 GB, 3.9/s. So batch 2 fits a 16 GB GPU without it (AMP on CUDA is the
     # default); small chunks cost 3-6x the time: use it only for larger batches or smaller GPUs.
     checkpoint_chunk: int = 0
+    # Type 2 only: what the patient head learns. "free": the winners' head, a patient LSTM over the
+    # seven vertebra summaries, from scratch. "noisy_or": the noisy-OR of the model's own vertebra
+    # probabilities plus that head's output as a correction of its log-odds (zero at the start), so
+    # the head starts where the vertebrae already are and patient_overall's loss also trains them.
+    # Off ("free"): recipe check, varied-96, all 5 folds, the same type-1 run, noisy_or against free:
+    # type 2 0.627 vs 0.510 out of fold (best constant 0.571), patient_overall 0.762 vs 0.620 from the
+    # head and 0.635 vs 0.552 from type 2's own vertebrae (the overall loss raised them: their mean
+    # noisy-OR 0.70 vs 0.62, patient prevalence 0.48), chosen ensemble 0.86x vs 0.80x the best
+    # constant, submission 0.81x vs 0.74x the constant prior.
+    overall_head: Literal["free", "noisy_or"] = "free"
 
 
 @dataclass(frozen=True)

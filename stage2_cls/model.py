@@ -91,7 +91,10 @@ class PatientClassifier(nn.Module):
     backbone and the slice LSTM are those of the type-1 model, applied to every
     vertebra; a second bidirectional LSTM reads the seven vertebra summaries (a
     learned embedding stands in for a missing vertebra, whose empty stack says
-    nothing) and its max over vertebrae gives the patient logit. Output dict:
+    nothing) and its max over vertebrae gives the patient logit. With ``overall_head:
+    noisy_or`` that logit is a correction (zero at the start) added to the log-odds of the
+    noisy-OR of the model's own vertebra probabilities (:func:`noisy_or_logit`), through
+    which patient_overall's loss reaches the vertebra heads too. Output dict:
     ``slice_logits`` (B, V, S) and ``overall_logit`` (B,).
     """
 
@@ -103,6 +106,14 @@ class PatientClassifier(nn.Module):
         self.patient_lstm = nn.LSTM(width, cfg.lstm_hidden, bidirectional=True, batch_first=True)
         self.patient_head = nn.Linear(width, 1)
         self.checkpoint_chunk = cfg.checkpoint_chunk
+        if cfg.pooling != "mean":
+            raise ValueError(f"type 2 pools slices by their mean probability; model.pooling={cfg.pooling!r}")
+        if cfg.overall_head not in ("free", "noisy_or"):
+            raise ValueError(f"model.overall_head must be 'free' or 'noisy_or', got {cfg.overall_head!r}")
+        self.overall_head = cfg.overall_head
+        if self.overall_head == "noisy_or":
+            nn.init.zeros_(self.patient_head.weight)
+            nn.init.zeros_(self.patient_head.bias)
 
     def slice_features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, F); in checkpointed chunks when training with ``checkpoint_chunk``."""
@@ -125,7 +136,20 @@ class PatientClassifier(nn.Module):
         summary = torch.where(missing[..., None], self.missing_embedding.to(summary.dtype), summary)
         patient, _ = self.patient_lstm(summary)                       # (B, V, 2*hidden)
         overall = self.patient_head(patient.max(dim=1).values).squeeze(-1)
+        if self.overall_head == "noisy_or":
+            overall = overall.float() + noisy_or_logit(vertebra_logit({"slice_logits": slice_logits}), missing)
         return {"slice_logits": slice_logits, "overall_logit": overall}
+
+
+def noisy_or_logit(logits: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """Log-odds (B,) of ``1 - prod(1 - p)`` over the vertebrae present, from their logits (B, V).
+
+    Computed in log space: ``log(1 - P) = sum log sigmoid(-logit)``; a study with no vertebra
+    present gets the log-odds of a tiny probability instead of minus infinity.
+    """
+    log_none = torch.where(missing, torch.zeros_like(logits), F.logsigmoid(-logits.float())).sum(dim=1)
+    log_none = log_none.clamp(max=-1e-30)
+    return torch.log(-torch.expm1(log_none)) - log_none
 
 
 def study_loss(output: dict[str, torch.Tensor], labels: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:

@@ -79,3 +79,9 @@ class TestPatientClassifier(_Classifier):
 
     def expected_shapes(self):
         return {"slice_logits": (2, 7, 3), "overall_logit": (2,)}
+
+
+class TestPatientClassifierNoisyOrHead(TestPatientClassifier):
+    """Type 2 with the patient head as a correction to the noisy-OR of its own vertebrae."""
+
+    overrides = ["model.backbone=resnet18", "model.type=2", "model.overall_head=noisy_or"]

@@ -11,7 +11,7 @@ from stage2_cls.config import AugmentConfig, ModelConfig
 from timm.models import adapt_input_conv
 
 from common.pretrained import PretrainedError, PretrainedFileNotFound
-from stage2_cls.model import build_model, vertebra_logit, vertebra_probability
+from stage2_cls.model import build_model, noisy_or_logit, vertebra_logit, vertebra_probability
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -51,6 +51,39 @@ def test_prior_sets_the_initial_vertebra_probability(model_type):
     assert float((primed - 0.14).abs().max()) < 0.05
     with pytest.raises(ValueError, match="model.prior"):
         build_model(small_cfg(prior=1.5))
+
+
+def test_noisy_or_logit_matches_the_probability_formula_and_skips_missing():
+    logits = torch.tensor([[-2.0, -1.0, 0.5, -3.0], [-30.0, -30.0, -30.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    missing = torch.tensor([[False, False, False, True], [False, False, False, True], [True] * 4])
+    p = torch.sigmoid(logits).double()
+    expected = 1 - torch.where(missing, torch.ones_like(p), 1 - p).prod(dim=1)
+    got = torch.sigmoid(noisy_or_logit(logits, missing).double())
+    assert torch.allclose(got[:2], expected[:2], rtol=1e-4)
+    assert float(got[1]) < 1e-12                         # three confident negatives, the positive one missing
+    assert torch.isfinite(noisy_or_logit(logits, missing)).all() and float(got[2]) < 1e-5  # nothing present
+
+
+def test_noisy_or_head_starts_at_the_noisy_or_of_its_vertebrae_and_trains_them():
+    torch.manual_seed(0)
+    x = torch.rand(2, 7, 4, 6, 32, 32)
+    missing = torch.zeros(2, 7, dtype=torch.bool)
+    missing[1, 5:] = True
+    model = build_model(small_cfg(type=2, overall_head="noisy_or")).eval()
+    out = model(x, missing)
+    p = vertebra_probability(out).double()
+    expected = 1 - torch.where(missing, torch.ones_like(p), 1 - p).prod(dim=1)
+    assert torch.allclose(torch.sigmoid(out["overall_logit"].double()), expected, atol=1e-5)
+    out["overall_logit"].sum().backward()                # patient_overall's loss alone reaches the vertebra head
+    assert model.vertebra.head.weight.grad.abs().sum() > 0
+    free = build_model(small_cfg(type=2)).eval()
+    out = free(x, missing)
+    out["overall_logit"].sum().backward()
+    assert free.vertebra.head.weight.grad is None or free.vertebra.head.weight.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="pooling"):
+        build_model(small_cfg(type=2, pooling="attention"))
+    with pytest.raises(ValueError, match="overall_head"):
+        build_model(small_cfg(type=2, overall_head="max"))
 
 
 def test_rejects_wrong_input_rank():
