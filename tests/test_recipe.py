@@ -6,7 +6,7 @@ import pytest
 
 from common.metric import validate_submission
 from tooling import recipe_check
-from tooling.recipe import DatasetSpec, Recipe, run_recipe
+from tooling.recipe import DatasetSpec, Recipe, overall_figures, run_recipe
 
 # Two steps learn nothing. The layer's flat start (~0.5 everywhere) still gives every phase vertebrae
 # to work on; the demo's primed start (probability 0.01) would leave every box missing.
@@ -32,7 +32,7 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     assert set(result["stage2_candidates"]) >= {"type 1", "type 2", "type 2, overall from its vertebrae",
                                                 "ensemble (mean)"}
     assert result["stage2_oof_score"] == min(result["stage2_candidates"].values())
-    assert result["overall_learned_ratio"] > 0
+    assert result["overall_learned_ratio"] > 0 and result["overall_vs_type1_ratio"] > 0
     test = pd.read_csv(tmp_path / "tiny" / "data" / "test.csv", dtype=str)
     validate_submission(pd.read_csv(tmp_path / "tiny" / "submission.csv", dtype={"row_id": str}), test["row_id"])
     assert result["n_test_studies"] == 2 and result["submission_ratio"] > 0
@@ -46,9 +46,26 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     # The table names every dataset and marks figures that miss their target.
     table = recipe_check.format_table({"tiny": result})
     assert "| figure | tiny | target |" in table and "type 2's head" in table and "(chosen: " in table
+    assert "type 1's noisy-OR" in table
     assert "crops from the true labels" in table
     # Run again: training phases are skipped, the figures come back the same.
     again = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])
     assert not any(k.startswith(("stage 1 training", "stage 2 training", "oracle stage 1", "oracle stage 2 training"))
                    for k in again["seconds"])
     assert again["stage2_oof_score"] == pytest.approx(result["stage2_oof_score"])
+
+
+def test_overall_figures_compare_the_best_learned_with_both_noisy_ors():
+    """patient_overall's loss: the best of type 2's head and the ensembles, against type 2's own
+    vertebrae's noisy-OR (the issue's target) and against type 1's (which type 2 cannot move)."""
+    losses = {"type 1": 0.55, "type 2": 0.76, "type 2, overall from its vertebrae": 0.64,
+              "ensemble (vertebrae)": 0.52, "ensemble (type2)": 0.76}
+    report = {"candidates": {name: 0.5 for name in losses},
+              "per_label": [{"label": "C1", **{f"{k} wlogloss": 9.0 for k in losses}},
+                            {"label": "patient_overall", **{f"{k} wlogloss": v for k, v in losses.items()}}]}
+    figures = overall_figures(report)
+    assert figures["overall_wlogloss"] == losses
+    assert figures["overall_learned_ratio"] == pytest.approx(0.52 / 0.64)
+    assert figures["overall_vs_type1_ratio"] == pytest.approx(0.52 / 0.55)
+    del losses["type 1"], report["candidates"]["type 1"]
+    assert "overall_vs_type1_ratio" not in overall_figures(report)   # type 2 alone

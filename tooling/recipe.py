@@ -197,6 +197,10 @@ def overall_figures(report: dict[str, Any]) -> dict[str, float]:
     if base is not None:
         learned = [v for k, v in figures.items() if k == "type 2" or k.startswith("ensemble")]
         out["overall_learned_ratio"] = min(learned) / base if learned else float("nan")
+        # The same best against type 1's noisy-OR: a type 2 whose own vertebrae got worse lowers the
+        # ratio above without anything submitted getting better; this one does not move with them.
+        if learned and "type 1" in figures:
+            out["overall_vs_type1_ratio"] = min(learned) / figures["type 1"]
     return out
 
 

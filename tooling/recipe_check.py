@@ -65,6 +65,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
                    f"= {r['oracle_stage2_oof_ratio']:.2f}x", "oracle_stage2_oof_ratio"),
         ("patient_overall loss: type 2's head (or ensemble) / its vertebrae's noisy-OR",
          lambda r: f"{r.get('overall_learned_ratio', float('nan')):.2f}x", "overall_learned_ratio"),
+        ("patient_overall loss: the same / type 1's noisy-OR",
+         lambda r: f"{r.get('overall_vs_type1_ratio', float('nan')):.2f}x", "overall_vs_type1_ratio"),
         ("submission / constant prior", lambda r: f"{r['submission_score']:.3f} / {r['submission_constant']:.3f} "
                                                   f"= {r['submission_ratio']:.2f}x", "submission_ratio"),
         ("wall time", lambda r: f"{r['seconds']['total'] / 60:.1f} min", None),
@@ -72,7 +74,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     names = list(results)
     lines = ["| figure | " + " | ".join(names) + " | target |", "| --- " * (len(names) + 2) + "|"]
     if not any("overall_learned_ratio" in results[n] for n in names):  # type 2 not trained
-        rows = [row for row in rows if row[2] != "overall_learned_ratio"]
+        rows = [row for row in rows if row[2] not in ("overall_learned_ratio", "overall_vs_type1_ratio")]
     if not all("oracle_stage2_oof_ratio" in results[n] for n in names):  # no oracle run
         rows = [row for row in rows if row[2] != "oracle_stage2_oof_ratio"]
     for label, fmt, key in rows:
