@@ -47,7 +47,6 @@ from common import distributed as D
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from common.device import amp_available, amp_dtype, autocast_context
 from common.io import remove_stale_temporaries, write_csv_atomic, write_json_atomic, write_text_atomic
-from common.plots import plot_learning_curves
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +344,8 @@ class _Loop:
             save_checkpoint(self.out_dir / "best.pt", stage=self.task.stage, **state)
         save_checkpoint(self.out_dir / "last.pt", stage=self.task.stage, **state)
         write_csv_atomic(self.out_dir / "log.csv", pd.DataFrame(self.history))
+        from common.plots import plot_learning_curves  # here: config modules import this one, workers among them
+
         plot_learning_curves(self.history, self.out_dir / "learning_curves.png", self.task.metric,
                              title=f"{self.task.stage} fold {self.fold}")
 

@@ -17,17 +17,24 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from common.cli import setup_logging
-from tooling.recipe import DatasetSpec, Recipe, run_recipe
+from tooling.synth import DatasetSpec
 
+if TYPE_CHECKING:
+    from tooling.recipe import Recipe
+
+# tooling.recipe (torch, both stages) is imported where it is used: the worker processes of the
+# dataset and crop phases are spawned, and a spawned worker imports this module again first.
 log = logging.getLogger("demo")
 
 DEMO = DatasetSpec("demo", n_train=48, n_seg=24, n_test=24, size=96, seed=0)
 
 
-def run(out: Path, spec: DatasetSpec = DEMO, recipe: Recipe | None = None) -> dict[str, Any]:
+def run(out: Path, spec: DatasetSpec = DEMO, recipe: "Recipe | None" = None) -> dict[str, Any]:
+    from tooling.recipe import Recipe, run_recipe
+
     recipe = recipe or Recipe.demo()
     result = run_recipe(out, spec, recipe, stage2_folds=[0])
     try:
@@ -76,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_logging(args.verbose)
     spec = DatasetSpec("demo", n_train=args.n_train, n_seg=args.n_seg, n_test=args.n_test, size=args.size,
                        seed=args.seed, variety=args.variety)
+    from tooling.recipe import Recipe
+
     return run(Path(args.out), spec, Recipe.demo(args.stage1, args.stage2))
 
 

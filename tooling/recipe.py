@@ -48,23 +48,9 @@ from stage2_cls import report as stage2_report
 from stage2_cls import train as stage2_train
 from stage2_cls.config import Stage2Config
 from tooling.oracle import ORACLE_RUN, write_oracle_stage1
-from tooling.synth import make_dataset
+from tooling.synth import DatasetSpec, make_dataset  # noqa: F401  (DatasetSpec: re-exported)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One synthetic dataset: its size, seed and how much its studies differ."""
-
-    name: str
-    n_train: int = 48
-    n_seg: int = 24
-    n_test: int = 24
-    size: int = 96
-    seed: int = 0
-    n_slices: int | None = None   # None: from the variety's slice spacing
-    variety: str = "varied"
 
 
 @dataclass(frozen=True)

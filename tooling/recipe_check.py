@@ -20,10 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from common.cli import setup_logging
-from tooling.recipe import DatasetSpec, Recipe, run_recipe
+from tooling.synth import DatasetSpec
+
+if TYPE_CHECKING:
+    from tooling.recipe import Recipe
+
+# tooling.recipe (torch, both stages) is imported where it is used: spawned worker processes
+# import this module again first (see tooling.demo).
 
 DATASETS = {spec.name: spec for spec in (
     DatasetSpec("varied-96", size=96, seed=101),
@@ -85,7 +91,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(out: Path, names: Sequence[str], recipe: Recipe, folds: Sequence[int]) -> dict[str, dict[str, Any]]:
+def run(out: Path, names: Sequence[str], recipe: "Recipe", folds: Sequence[int]) -> dict[str, dict[str, Any]]:
+    from tooling.recipe import run_recipe
+
     results = {}
     for name in names:
         results[name] = run_recipe(out / name, DATASETS[name], recipe, folds)
@@ -113,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     setup_logging(args.verbose)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from tooling.recipe import Recipe
+
     recipe = Recipe.demo(args.stage1, args.stage2, type2=args.type2, oracle=args.oracle)
     results = run(out, args.datasets, recipe, args.folds)
     print(format_table(results))

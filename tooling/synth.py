@@ -60,6 +60,20 @@ RANGE_COLUMNS = [STUDY_COL, "vertebra", "z0", "z1"]  # vertebra_slices.csv: true
 
 
 @dataclass(frozen=True)
+class DatasetSpec:
+    """One synthetic dataset of the demo and the recipe check: its size, seed and how much its studies differ."""
+
+    name: str
+    n_train: int = 48
+    n_seg: int = 24
+    n_test: int = 24
+    size: int = 96
+    seed: int = 0
+    n_slices: int | None = None   # None: from the variety's slice spacing
+    variety: str = "varied"
+
+
+@dataclass(frozen=True)
 class StudySpec:
     """Everything that decides one study's files; ``index`` and ``seed`` seed its phantom."""
 
