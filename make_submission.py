@@ -7,7 +7,7 @@ Per study: load_study -> stage-1 fold ensemble -> vertebra boxes -> stacks (the
 same ``build_stacks`` as ``stage2_cls.crop``) -> stage-2 fold ensemble -> C1..C7
 and patient_overall (calibrated when ``calibration.json`` is present). A study
 that is missing or fails gets the prior and a log line; the run never stops on
-one study. ``--time-budget`` switches to one model per stage, then to the prior,
+one study. ``--time-budget`` switches to one model per stage (stage 2 without flips), then to the prior,
 before the budget runs out.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -54,7 +54,10 @@ class SubmissionConfig:
     stage2_checkpoints: str = "stage2/default/fold*/best.pt"   # used when there is no ensemble file
     # Written by stage2_cls.report: the stage-2 runs to use, the patient_overall rule and the calibration.
     ensemble: str = "stage2/ensemble.json"
-    flip_tta: bool = False
+    flip_tta: bool = False                               # stage 1: average with the left-right flipped volume
+    # Stage 2's test-time views: null keeps each checkpoint's own ``tta`` (what its out-of-fold
+    # predictions, hence the calibration, were made with); "none" or "flips" overrides it.
+    stage2_tta: Optional[str] = None
     amp: bool = True
     time_budget_hours: float = 8.5                       # Kaggle allows 9 h
     prefetch: int = 1                                    # studies decoded ahead, in a thread (0: none)
@@ -71,7 +74,7 @@ class Predictor:
         s2 = [path for pattern in patterns for path in _glob(models_dir, pattern, "stage-2")]
         log.info("models: %d stage-1 and %d stage-2 checkpoints from %s", len(s1), len(s2), models_dir)
         self.stage1 = Stage1Ensemble(s1, flip_tta=cfg.flip_tta, amp=cfg.amp)
-        self.stage2 = Stage2Ensemble(s2, amp=cfg.amp)
+        self.stage2 = Stage2Ensemble(s2, amp=cfg.amp, tta=cfg.stage2_tta)
         predict = self.stage1.config.predict
         self.box_cfg = {"threshold": predict.threshold, "fallback": predict.fallback_threshold,
                         "min_voxels": predict.min_voxels}
@@ -98,7 +101,8 @@ class Predictor:
         stacks = build_stacks(study.hu, probs, boxes, self.stage2.crop, region)
         times["crops"] = _lap(t)
         t = time.perf_counter()
-        outputs = self.stage2.predict(stacks.stacks, stacks.missing, n_models=1 if cheap else None)
+        outputs = self.stage2.predict(stacks.stacks, stacks.missing, n_models=1 if cheap else None,
+                                      tta="none" if cheap else None)
         outputs = {key: fill_missing(value[None], stacks.missing[None], self.prior[:7]) if key != "overall2" else value
                    for key, value in outputs.items()}
         row = combine(outputs, self.rule, self.stage2.overall)
@@ -226,7 +230,7 @@ def run(cfg: SubmissionConfig, data_dir: Path, models_dir: Path, out: Path,
                     study, decode_seconds = reader.get(folder)
                     record.update(wait=time.perf_counter() - waited, decode=decode_seconds)
                     rows[uid], times = predictor.predict(study, cheap=cheap)
-                    record.update(times, status="ok (one model per stage)" if cheap else "ok")
+                    record.update(times, status="ok (one model per stage, no stage-2 flips)" if cheap else "ok")
                 except Exception as exc:  # one bad study never stops the submission
                     log.error("study %s: %s: %s; using the prior", uid, type(exc).__name__, exc)
                     record["status"] = f"prior: {type(exc).__name__}"

@@ -25,7 +25,7 @@ from common.constants import PRED_CLIP
 from common.device import amp_available, autocast_context, choose_device
 from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import prepare_images
-from stage2_cls.model import build_model, vertebra_probability
+from stage2_cls.model import TTA_MODES, build_model, predict_logits
 
 OVERALL_RULES = ("vertebrae", "type2", "mean")
 
@@ -47,16 +47,23 @@ def mean_logodds(probs: Sequence[np.ndarray]) -> np.ndarray:
 class Stage2Ensemble:
     """Fold models of one or both types; all must share the crop settings."""
 
-    def __init__(self, checkpoints: Sequence[Path], device: torch.device | None = None, amp: bool = True) -> None:
+    def __init__(self, checkpoints: Sequence[Path], device: torch.device | None = None, amp: bool = True,
+                 tta: str | None = None) -> None:
+        """``tta``: the test-time views for every model ("none" or "flips"); None: each model's
+        own config's ``tta`` (what its out-of-fold predictions were made with)."""
         if not checkpoints:
             raise FileNotFoundError("no stage-2 checkpoints given")
+        if tta is not None and tta not in TTA_MODES:
+            raise ValueError(f"unknown stage-2 tta {tta!r}; choose from {TTA_MODES}")
         self.device = device or choose_device()
         self.amp = amp and amp_available(self.device)  # CUDA only: CPU inference stays fp32
         self.models: dict[int, list[torch.nn.Module]] = {1: [], 2: []}
+        self.tta: dict[int, list[str]] = {1: [], 2: []}
         configs = []
         for path in checkpoints:
             model, cfg = rebuild_model(path, "stage2", Stage2Config, build_model)
             self.models[cfg.model.type].append(model.to(self.device))
+            self.tta[cfg.model.type].append(tta or cfg.tta)
             configs.append(cfg)
         crops = {(c.crop.n_slices, c.crop.context, c.crop.size, c.crop.margin, c.crop.window_center,
                   c.crop.window_width, c.crop.minmax) for c in configs}
@@ -71,26 +78,29 @@ class Stage2Ensemble:
 
     @torch.no_grad()
     def predict(self, stacks: np.ndarray, missing: np.ndarray | None = None,
-                n_models: int | None = None) -> dict[str, np.ndarray]:
+                n_models: int | None = None, tta: str | None = None) -> dict[str, np.ndarray]:
         """uint8 stacks ``(7, S, 6, H, W)`` of one study -> per-type outputs.
 
         ``type1`` / ``type2``: (7,) vertebra probabilities, ``overall2``: (1,) the type-2
         head's patient_overall; a type without models is absent. ``n_models`` limits each
-        type to its first models (a cheaper path under a time budget).
+        type to its first models and ``tta`` overrides every model's views (the cheaper
+        path under a time budget: ``n_models=1, tta="none"``).
         """
         images = prepare_images(torch.from_numpy(np.ascontiguousarray(stacks)), self.device)
         missing_t = torch.as_tensor(np.zeros(len(stacks), bool) if missing is None else missing, device=self.device)
         out: dict[str, np.ndarray] = {}
         per_model: dict[str, list[np.ndarray]] = {"type1": [], "type2": [], "overall2": []}
         for kind in self.types:
-            for model in self.models[kind][:n_models] if n_models else self.models[kind]:
+            chosen = slice(n_models) if n_models else slice(None)
+            for model, views in zip(self.models[kind][chosen], self.tta[kind][chosen]):
                 with autocast_context(self.device, self.amp):
                     if kind == 1:
-                        per_model["type1"].append(vertebra_probability(model(images)).float().cpu().numpy())
+                        logits = predict_logits(model, images, tta=tta or views)
+                        per_model["type1"].append(torch.sigmoid(logits["vertebra_logit"]).cpu().numpy())
                     else:
-                        output = model(images[None], missing_t[None])
-                        per_model["type2"].append(vertebra_probability(output)[0].float().cpu().numpy())
-                        per_model["overall2"].append(torch.sigmoid(output["overall_logit"].float()).cpu().numpy())
+                        logits = predict_logits(model, images[None], missing_t[None], tta=tta or views)
+                        per_model["type2"].append(torch.sigmoid(logits["vertebra_logit"][0]).cpu().numpy())
+                        per_model["overall2"].append(torch.sigmoid(logits["overall_logit"]).cpu().numpy())
         for key, values in per_model.items():
             if values:
                 out[key] = mean_logodds(values)

@@ -22,7 +22,8 @@ metric itself (:func:`study_loss`).
 :func:`vertebra_probability` turns that dict into the vertebra's probability
 (B,): the mean of the slice probabilities (``pooling: mean``, the winners'
 choice) or the sigmoid of the attention-weighted logit (``pooling: attention``).
-:func:`vertebra_logit` gives the matching logit. The training loss
+:func:`vertebra_logit` gives the matching logit, and :func:`predict_logits` both logits
+averaged over test-time flips (``tta``). The training loss
 (:func:`weighted_loss`) lives here too, beside the pooling it must match.
 """
 from __future__ import annotations
@@ -184,6 +185,36 @@ def vertebra_logit(output: dict[str, torch.Tensor]) -> torch.Tensor:
     log_p = torch.logsumexp(nn.functional.logsigmoid(logits), dim=-1) - n
     log_q = torch.logsumexp(nn.functional.logsigmoid(-logits), dim=-1) - n
     return log_p - log_q
+
+
+TTA_MODES = ("none", "flips")
+# The views of "flips": the image as it is, flipped left-right, flipped front-back, and both
+# (the in-plane flips the training augmentation draws with augment.flip_p); negative dims so
+# that they apply to type 1 (B, S, C, H, W) and type 2 (B, V, S, C, H, W) alike.
+_FLIP_VIEWS = {"none": ((),), "flips": ((), (-1,), (-2,), (-2, -1))}
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, missing: torch.Tensor | None = None,
+                   tta: str = "none") -> dict[str, torch.Tensor]:
+    """Inference logits averaged over the test-time views of ``tta`` ("none" or "flips").
+
+    Returns ``vertebra_logit`` ((B,) type 1, (B, V) type 2) and, for type 2,
+    ``overall_logit`` (B,): each the mean log-odds over the views (float32). Without
+    views, ``sigmoid(vertebra_logit)`` equals :func:`vertebra_probability`.
+    """
+    if tta not in _FLIP_VIEWS:
+        raise ValueError(f"unknown stage-2 tta {tta!r}; choose from {TTA_MODES}")
+    sums: dict[str, torch.Tensor] = {}
+    views = _FLIP_VIEWS[tta]
+    for dims in views:
+        x = torch.flip(images, dims) if dims else images
+        output = model(x) if missing is None else model(x, missing)
+        logits = {"vertebra_logit": vertebra_logit(output)}
+        if "overall_logit" in output:
+            logits["overall_logit"] = output["overall_logit"].float()
+        for key, value in logits.items():
+            sums[key] = sums[key] + value if key in sums else value
+    return {key: value / len(views) for key, value in sums.items()}
 
 
 def vertebra_probability(output: dict[str, torch.Tensor]) -> torch.Tensor:

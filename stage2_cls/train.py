@@ -42,7 +42,7 @@ from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import (CropStore, StudyDataset, VertebraDataset, available_crops, fill_missing,
                                 prepare_images)
 from stage2_cls.infer import study_probabilities
-from stage2_cls.model import (box_loss, build_model, check_pretrained, study_loss, vertebra_probability,
+from stage2_cls.model import (box_loss, build_model, check_pretrained, study_loss, predict_logits,
                               weighted_loss)
 from stage2_cls.slice_labels import read_box_slices
 
@@ -122,8 +122,8 @@ class ClassifierTask:
         return batch_loss(self.cfg, model, batch, device)
 
     def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
-        output = model(prepare_images(batch["image"], device))
-        return {"prob": vertebra_probability(output).float().cpu().numpy(),
+        logits = predict_logits(model, prepare_images(batch["image"], device), tta=self.cfg.tta)
+        return {"prob": torch.sigmoid(logits["vertebra_logit"]).cpu().numpy(),
                 "study_index": batch["study_index"].numpy(),
                 "vertebra": batch["vertebra"].numpy(),
                 "missing": batch["missing"].numpy()}
@@ -175,9 +175,10 @@ class PatientTask(ClassifierTask):
         return study_batch_loss(self.cfg, model, batch, device)
 
     def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
-        output = model(prepare_images(batch["image"], device), batch["missing"].to(device))
-        return {"prob": vertebra_probability(output).float().cpu().numpy(),
-                "overall": torch.sigmoid(output["overall_logit"].float()).cpu().numpy(),
+        logits = predict_logits(model, prepare_images(batch["image"], device), batch["missing"].to(device),
+                                tta=self.cfg.tta)
+        return {"prob": torch.sigmoid(logits["vertebra_logit"]).cpu().numpy(),
+                "overall": torch.sigmoid(logits["overall_logit"]).cpu().numpy(),
                 "study_index": batch["study_index"].numpy(), "missing": batch["missing"].numpy()}
 
     def study_table(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -210,6 +211,9 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, fold: int
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     run_dir = work_dir / "stage2" / cfg.run
     out_dir = run_dir / f"fold{fold}"
+    if cfg.tta == "flips" and cfg.augment.flip_p <= 0:
+        raise ValueError("tta: flips averages flipped views, but augment.flip_p is 0, so the model never "
+                         "sees a flipped stack in training; set tta=none or augment.flip_p > 0")
     if not (resume and (out_dir / "last.pt").exists()):  # a resumed run takes every weight from last.pt
         check_pretrained(cfg.model)  # no ImageNet source: stop now, before folds and crops
     train_uids, val_uids, labels = fold_studies(data_dir, work_dir, fold)

@@ -193,3 +193,15 @@ def test_box_offsets_beside_the_stage1_checkpoints_move_the_boxes(setup, tmp_pat
     (run_dir / "box_offsets.json").write_text("{broken")
     with pytest.raises(ValueError, match="box_offsets.json"):
         make_submission.run(cfg, setup / "data", models, tmp_path / "broken.csv")
+
+
+def test_stage2_tta_defaults_to_the_checkpoints_and_can_be_overridden(setup, tmp_path):
+    runs = {}
+    for name, changes in {"default": {}, "none": {"stage2_tta": "none"}, "flips": {"stage2_tta": "flips"}}.items():
+        out = tmp_path / f"{name}.csv"
+        make_submission.run(_config(setup, **changes), setup / "data", setup / "models", out)
+        runs[name] = pd.read_csv(out)["fractured"].to_numpy()
+    assert np.array_equal(runs["default"], runs["flips"])  # the tiny checkpoints were trained with tta: flips
+    assert not np.allclose(runs["default"], runs["none"], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown stage-2 tta"):
+        make_submission.run(_config(setup, stage2_tta="rot90"), setup / "data", setup / "models", tmp_path / "x.csv")

@@ -11,7 +11,7 @@ from stage2_cls.config import AugmentConfig, ModelConfig
 from timm.models import adapt_input_conv
 
 from common.pretrained import PretrainedError, PretrainedFileNotFound
-from stage2_cls.model import build_model, noisy_or_logit, vertebra_logit, vertebra_probability
+from stage2_cls.model import build_model, noisy_or_logit, predict_logits, vertebra_logit, vertebra_probability
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -29,6 +29,33 @@ def test_vertebra_probability_and_logit_agree(pooling):
     prob = vertebra_probability(out)
     assert prob.shape == (2,) and ((prob > 0) & (prob < 1)).all()
     assert torch.allclose(torch.sigmoid(vertebra_logit(out)), prob, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", [1, 2])
+def test_flip_tta_averages_four_views_and_is_invariant_to_flipping_the_input(model_type):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(type=model_type)).eval()
+    x = torch.rand(2, 7, 3, 6, 32, 32) if model_type == 2 else torch.rand(2, 3, 6, 32, 32)
+    args = (torch.zeros(2, 7, dtype=torch.bool),) if model_type == 2 else ()
+    keys = ("vertebra_logit", "overall_logit") if model_type == 2 else ("vertebra_logit",)
+    with torch.no_grad():
+        plain = predict_logits(model, x, *args, tta="none")
+        assert torch.allclose(torch.sigmoid(plain["vertebra_logit"]), vertebra_probability(model(x, *args)), atol=1e-6)
+        views = [model(torch.flip(x, d) if d else x, *args) for d in ((), (-1,), (-2,), (-2, -1))]
+        flips = predict_logits(model, x, *args, tta="flips")
+        by_hand = torch.stack([vertebra_logit(v) for v in views]).mean(0)
+        assert torch.allclose(flips["vertebra_logit"], by_hand, atol=1e-6)
+        if model_type == 2:
+            assert torch.allclose(flips["overall_logit"], torch.stack([v["overall_logit"] for v in views]).mean(0),
+                                  atol=1e-6)
+        for dims in ((-1,), (-2,)):  # a flipped input gives the same average, not the same single view
+            flipped = torch.flip(x, dims)
+            for key in keys:
+                assert torch.allclose(predict_logits(model, flipped, *args, tta="flips")[key], flips[key], atol=1e-5)
+                assert not torch.allclose(predict_logits(model, flipped, *args, tta="none")[key], plain[key],
+                                          atol=1e-5)
+    with pytest.raises(ValueError, match="unknown stage-2 tta"):
+        predict_logits(model, x, *args, tta="rot90")
 
 
 def test_mean_pooling_is_mean_of_slice_probabilities():

@@ -183,6 +183,23 @@ def test_run_attention_pooling_with_mixup_matches_inference(tmp_path):
         assert np.allclose(row[list(TARGETS[:7])].to_numpy(float)[present], np.clip(vertebra, 1e-4, 1 - 1e-4)[present],
                            atol=1e-5)
         assert row["patient_overall"] == pytest.approx(row[list(TARGETS[:7])].max())  # overall: max
+    # the OOF file was made with the config's test-time flips; one view alone gives other probabilities
+    assert cfg.tta == "flips"
+    single = Stage2Ensemble([work_dir / "stage2" / "demo" / "fold1" / "best.pt"], device=torch.device("cpu"),
+                            tta="none")
+    assert not np.allclose(single.predict(store.study(0), store.missing[0])["type1"],
+                           ensemble.predict(store.study(0), store.missing[0])["type1"], atol=1e-5)
+    assert np.allclose(ensemble.predict(store.study(0), store.missing[0], tta="none")["type1"],
+                       single.predict(store.study(0), store.missing[0])["type1"])
+
+
+def test_flip_tta_needs_flips_in_training(tmp_path):
+    data_dir, work_dir, _ = make_crop_data(tmp_path)
+    with pytest.raises(ValueError, match="augment.flip_p is 0"):
+        run(tiny_config(**{"augment.flip_p": 0.0}), data_dir, work_dir, fold=0)
+    assert not (work_dir / "stage2").exists()  # refused before anything was written
+    run(tiny_config(**{"augment.flip_p": 0.0, "tta": "none"}), data_dir, work_dir, fold=0)
+    assert (work_dir / "stage2" / "demo" / "oof_fold0.csv").is_file()
 
 
 def test_study_loss_is_the_competition_metric():
