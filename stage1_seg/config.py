@@ -69,7 +69,7 @@ class AugmentConfig:
 class PredictConfig:
     folds: tuple[int, ...] = (0, 1, 2, 3, 4)
     checkpoint: str = "best.pt"
-    # Average with the left-right flipped cube (twice the prediction time). Off: on the recipe check's
+    # Average with the left-right flipped cube (two network passes a study). Off: on the recipe check's
     # stage-1 runs (fold 0, demo config, box offsets refitted), boxes with z-IoU >= 0.7 on the no-mask
     # studies 95.5% / 96.4% / 91.7% / 92.1% against 94.6% / 95.2% / 90.5% / 92.5% (varied-96 /
     # wide-fov-192 / slices-60 / few-masks): a few vertebrae either way; stage 2 on them not measured.
