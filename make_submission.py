@@ -7,8 +7,8 @@ Per study: load_study -> stage-1 fold ensemble -> vertebra boxes -> stacks (the
 same ``build_stacks`` as ``stage2_cls.crop``) -> stage-2 fold ensemble -> C1..C7
 and patient_overall (calibrated when ``calibration.json`` is present). A study
 that is missing or fails gets the prior and a log line; the run never stops on
-one study. ``--time-budget`` switches to one model per stage (stage 2 without flips), then to the prior,
-before the budget runs out.
+one study. ``--time-budget`` switches to one model per stage (stage 2 without
+its test-time flips), then to the prior, before the budget runs out.
 """
 from __future__ import annotations
 
