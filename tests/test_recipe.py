@@ -6,7 +6,7 @@ import pytest
 
 from common.metric import validate_submission
 from tooling import recipe_check
-from tooling.recipe import DatasetSpec, Recipe, overall_figures, run_recipe
+from tooling.recipe import DatasetSpec, Recipe, kind_figures, overall_figures, run_recipe
 
 # Two steps learn nothing. The layer's flat start (~0.5 everywhere) still gives every phase vertebrae
 # to work on; the demo's primed start (probability 0.01) would leave every box missing.
@@ -48,6 +48,14 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     assert "| figure | tiny | target |" in table and "type 2's head" in table and "(chosen: " in table
     assert "type 1's noisy-OR" in table
     assert "crops from the true labels" in table
+    # Stage 2's AUC per fracture kind of the generator, out of fold and in the submission.
+    info = json.loads((tmp_path / "tiny" / "data" / "synth_info.json").read_text())
+    oof = set(pd.concat([pd.read_csv(f, dtype=str) for f in (work / "stage2" / "demo").glob("oof_fold*.csv")])
+              ["StudyInstanceUID"])
+    for key, predicted in (("stage2_kind_auc", oof), ("submission_kind_auc", set(test["StudyInstanceUID"]))):
+        fractured = sum(sum(r["fractured"]) for r in info["studies"] if r["uid"] in predicted)
+        assert sum(v["n"] for v in result[key].values()) == fractured
+    assert "by fracture kind, out of fold" in table
     # Run again: training phases are skipped, the figures come back the same.
     again = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])
     assert not any(k.startswith(("stage 1 training", "stage 2 training", "oracle stage 1", "oracle stage 2 training"))
@@ -69,3 +77,29 @@ def test_overall_figures_compare_the_best_learned_with_both_noisy_ors():
     assert figures["overall_vs_type1_ratio"] == pytest.approx(0.52 / 0.55)
     del losses["type 1"], report["candidates"]["type 1"]
     assert "overall_vs_type1_ratio" not in overall_figures(report)   # type 2 alone
+
+
+def test_kind_figures_rank_each_fracture_kind_against_every_intact_vertebra(tmp_path):
+    """AUC per fracture kind: a kind the model scores above every intact vertebra gets 1, one it
+    scores below them 0; studies the generator did not record and datasets without a record are left out."""
+    studies = [
+        {"uid": "a", "fractured": [1, 0, 0, 0, 0, 0, 0], "kinds": {"C1": "ring"}},
+        {"uid": "b", "fractured": [0, 0, 1, 0, 1, 0, 0], "kinds": {"C3": "posterior", "C5": "line"}},
+        {"uid": "c", "fractured": [0] * 7, "kinds": {}},
+    ]
+    (tmp_path / "synth_info.json").write_text(json.dumps({"studies": studies}))
+    columns = [f"C{c}" for c in range(1, 8)]
+    p = pd.DataFrame(0.3, index=["a", "b", "c", "unknown"], columns=columns)
+    p.loc["a", "C1"] = 0.35       # ring: above every intact vertebra
+    p.loc["b", "C3"] = 0.1        # posterior: below every intact vertebra
+    p.loc["b", "C5"] = 0.9        # line
+    p.loc["c", "C2"] = 0.5        # one intact vertebra above the ring
+    p.loc["unknown", :] = 1.0     # not in the record: ignored
+    figures = kind_figures(tmp_path, {"oof": p})["oof"]
+    assert list(figures) == ["line", "posterior", "ring"]
+    assert figures["line"] == {"n": 1, "auc": 1.0}
+    assert figures["posterior"] == {"n": 1, "auc": 0.0}
+    assert figures["ring"]["n"] == 1 and figures["ring"]["auc"] == pytest.approx(17 / 18)  # 18 intact vertebrae
+    assert kind_figures(tmp_path / "elsewhere", {"oof": p}) == {}
+    table = recipe_check.format_kinds(figures)
+    assert table == "line 1.00 (1); posterior 0.00 (1); ring 0.94 (1)"

@@ -16,6 +16,10 @@ Figures (:func:`evaluate`), all on data the models were not tuned on:
   ensembles), and patient_overall's loss from type 2's learned head against the
   noisy-OR of its own vertebra probabilities;
 - the submission's score on the hidden test labels against the constant train prior;
+- per fracture kind of the generator (``synth_info.json``: ring, line, wedge, crack,
+  displaced, posterior): the vertebra AUC of that kind's fractured vertebrae against
+  every intact vertebra, out of fold (the chosen candidate) and in the submission, to
+  tell which fractures stage 2 misses;
 - with ``oracle``: stage 2's out-of-fold score against the best constant once more, on
   crops cut from the true labels (:mod:`tooling.oracle`), i.e. with a perfect stage 1.
 """
@@ -31,13 +35,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 import make_submission
 from common.config import load_config
 from common.constants import STUDY_COL, TARGETS
 from common.folds import list_segmentation_uids
-from common.metric import constant_score, evaluate_submission, read_labels_csv
+from common.metric import constant_score, evaluate_submission, read_labels_csv, submission_to_wide
 from configs import config_path
 from stage1_seg import predict as stage1_predict
 from stage1_seg import train as stage1_train
@@ -162,6 +167,8 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             **overall_figures(report),
             "calibration": report["calibration"]["reason"],
             **submission_figures(data, root / "submission.csv"),
+            **kind_figures(data, {"stage2_kind_auc": chosen_oof(work, recipe, report["chosen"]),
+                                  "submission_kind_auc": submission_vertebrae(root / "submission.csv")}),
             **(oracle_figures(root / "oracle") if recipe.oracle else {})}
 
 
@@ -211,3 +218,49 @@ def submission_figures(data: Path, submission: Path) -> dict[str, float]:
     prior = constant_score(labels[list(TARGETS)].to_numpy(np.float64), make_submission.load_prior(data))
     return {"submission_score": evaluation["score"], "submission_constant": prior,
             "submission_ratio": evaluation["score"] / prior, "n_test_studies": len(labels)}
+
+
+def chosen_oof(work: Path, recipe: Recipe, chosen: str) -> pd.DataFrame:
+    """The report's chosen candidate's out-of-fold vertebra probabilities (index: study, columns C1..C7)."""
+    oof, outputs, from_vertebrae, _ = stage2_report.load_runs(work / "stage2", [c.run for c in recipe.stage2_runs])
+    _, p = stage2_report.candidates(outputs, from_vertebrae)[chosen]
+    return pd.DataFrame(p[:, :7], index=oof[STUDY_COL].to_numpy(), columns=list(TARGETS[:7]))
+
+
+def submission_vertebrae(submission: Path) -> pd.DataFrame:
+    """A submission's vertebra probabilities (index: study, columns C1..C7)."""
+    return submission_to_wide(pd.read_csv(submission, dtype={"row_id": str})).set_index(STUDY_COL)[list(TARGETS[:7])]
+
+
+def kind_figures(data: Path, predictions: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    """Vertebra AUC per fracture kind, for each named prediction frame (index: study, columns C1..C7).
+
+    The kinds are the generator's (``data/synth_info.json``; a dataset without it gives no figures).
+    For each kind: the fractured vertebrae of that kind among the predicted studies against every
+    intact vertebra of the same studies; ``{"n": count, "auc": AUC or NaN without both classes}``.
+    """
+    info_path = data / "synth_info.json"
+    if not info_path.is_file():
+        return {}
+    records = {r["uid"]: r for r in json.loads(info_path.read_text())["studies"]}
+    out: dict[str, Any] = {}
+    for name, frame in predictions.items():
+        known = [uid for uid in frame.index if uid in records]
+        intact, by_kind = [], {}
+        for uid in known:
+            record = records[uid]
+            for c, vertebra in enumerate(TARGETS[:7]):
+                p = float(frame.at[uid, vertebra])
+                if record["fractured"][c]:
+                    by_kind.setdefault(record["kinds"].get(vertebra, "unknown"), []).append(p)
+                else:
+                    intact.append(p)
+        figures = {}
+        for kind, positives in sorted(by_kind.items()):
+            auc = float("nan")
+            if intact:
+                y = np.r_[np.ones(len(positives)), np.zeros(len(intact))]
+                auc = float(roc_auc_score(y, np.r_[positives, intact]))
+            figures[kind] = {"n": len(positives), "auc": auc}
+        out[name] = figures
+    return out

@@ -10,7 +10,8 @@ and one with studies of 60 slices; none of them the seeds the recipe was tuned o
 2 on all five folds, the CV report, the submission; see ``tooling.recipe``) and
 prints, per dataset and side by side: stage-1 mean Dice, box z-IoU on studies
 that had no mask, stage-2 out-of-fold score / best constant, submission score /
-constant prior on that dataset's test studies, and wall time; with ``--oracle``
+constant prior on that dataset's test studies, stage 2's vertebra AUC per fracture
+kind of the generator (out of fold and in the submission), and wall time; with ``--oracle``
 also stage 2's score on crops cut from the true labels (a perfect stage 1). The table is also
 written to ``<out>/recipe_check.md`` and ``<out>/recipe_check.json``; every
 phase resumes, so an interrupted check continues where it stopped.
@@ -46,6 +47,11 @@ def meets(name: str, value: float) -> bool:
     return value >= bound if op == ">=" else value <= bound
 
 
+def format_kinds(figures: dict[str, dict[str, float]]) -> str:
+    """``crack 0.79 (8); line 0.86 (9)``: AUC and count of each fracture kind."""
+    return "; ".join(f"{kind} {v['auc']:.2f} ({v['n']})" for kind, v in figures.items()) or "-"
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: one column per dataset, a target column; a figure missing its target is marked."""
     def cell(name: str, value: float, text: str) -> str:
@@ -73,16 +79,21 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
          lambda r: f"{r.get('overall_learned_ratio', float('nan')):.2f}x", "overall_learned_ratio"),
         ("patient_overall loss: the same / type 1's noisy-OR",
          lambda r: f"{r.get('overall_vs_type1_ratio', float('nan')):.2f}x", "overall_vs_type1_ratio"),
+        ("stage-2 vertebra AUC by fracture kind, out of fold (fractured vertebrae)",
+         lambda r: format_kinds(r["stage2_kind_auc"]), "stage2_kind_auc"),
         ("submission / constant prior", lambda r: f"{r['submission_score']:.3f} / {r['submission_constant']:.3f} "
                                                   f"= {r['submission_ratio']:.2f}x", "submission_ratio"),
+        ("submission vertebra AUC by fracture kind (fractured vertebrae)",
+         lambda r: format_kinds(r["submission_kind_auc"]), "submission_kind_auc"),
         ("wall time", lambda r: f"{r['seconds']['total'] / 60:.1f} min", None),
     ]
     names = list(results)
     lines = ["| figure | " + " | ".join(names) + " | target |", "| --- " * (len(names) + 2) + "|"]
     if not any("overall_learned_ratio" in results[n] for n in names):  # type 2 not trained
         rows = [row for row in rows if row[2] not in ("overall_learned_ratio", "overall_vs_type1_ratio")]
-    if not all("oracle_stage2_oof_ratio" in results[n] for n in names):  # no oracle run
-        rows = [row for row in rows if row[2] != "oracle_stage2_oof_ratio"]
+    for optional in ("oracle_stage2_oof_ratio", "stage2_kind_auc", "submission_kind_auc"):
+        if not all(optional in results[n] for n in names):  # no oracle run; data without fracture kinds
+            rows = [row for row in rows if row[2] != optional]
     for label, fmt, key in rows:
         cells = [cell(key, results[n][key], fmt(results[n])) if key in results[n] else fmt(results[n])
                  for n in names]
