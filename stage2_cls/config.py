@@ -33,6 +33,10 @@ class ModelConfig:
     lstm_layers: int = 2
     dropout: float = 0.2
     pooling: Literal["mean", "attention"] = "mean"
+    # How the backbone pools each slice's feature map into one vector (timm's global_pool):
+    # "avg" (timm's default), "max", or "avgmax" (their mean). A fracture gap is a few pixels of a
+    # 224 px slice; an average over the whole map dilutes it, a maximum keeps it.
+    global_pool: Literal["avg", "max", "avgmax"] = "avg"
     # Initial vertebra probability (the slice head's bias at its log-odds); 0 keeps the layer's
     # default (~0.5). Off in both configs: recipe check, demo config, all 5 folds, same stage 1,
     # a start at 0.14 against none: varied-96 1.08x vs 1.03x the best constant (submission 0.99x

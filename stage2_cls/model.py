@@ -270,7 +270,7 @@ def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
         backbone = pretrained_backbone(cfg)
     else:
         backbone = timm.create_model(cfg.backbone, pretrained=False, in_chans=cfg.in_chans,
-                                     num_classes=0, drop_path_rate=cfg.drop_path)
+                                     num_classes=0, drop_path_rate=cfg.drop_path, global_pool=cfg.global_pool)
     backbone = backbone.to(memory_format=torch.channels_last)
     return PatientClassifier(cfg, backbone) if cfg.type == 2 else SliceSequenceClassifier(cfg, backbone)
 
@@ -286,7 +286,7 @@ def pretrained_backbone(cfg: ModelConfig) -> nn.Module:
     source = resolve_source(cfg.backbone, cfg.weights_file)
     backbone = create_pretrained(source, in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path)
     # timm loaded every tensor strictly, head included; the slice features need no head.
-    backbone.reset_classifier(0)
+    backbone.reset_classifier(0, global_pool=cfg.global_pool)
     log.info("stage-2 backbone %s: all %d tensors loaded from the %s (stem adapted from 3 to %d "
              "channels by timm), ImageNet classifier dropped", cfg.backbone,
              len(backbone.state_dict()), source, cfg.in_chans)

@@ -7,9 +7,10 @@ import timm
 import torch
 
 from stage2_cls.augment import StackAugmenter, mixup
-from stage2_cls.config import AugmentConfig, ModelConfig
+from stage2_cls.config import AugmentConfig, ModelConfig, Stage2Config
 from timm.models import adapt_input_conv
 
+from common.config import load_config
 from common.pretrained import PretrainedError, PretrainedFileNotFound
 from stage2_cls.model import build_model, noisy_or_logit, predict_logits, vertebra_logit, vertebra_probability
 
@@ -111,6 +112,32 @@ def test_noisy_or_head_starts_at_the_noisy_or_of_its_vertebrae_and_trains_them()
         build_model(small_cfg(type=2, pooling="attention"))
     with pytest.raises(ValueError, match="overall_head"):
         build_model(small_cfg(type=2, overall_head="max"))
+
+
+@pytest.mark.parametrize("backbone", ["convnext_atto", "regnetx_002"])
+def test_global_pool_setting_reaches_the_backbone(tmp_path, backbone):
+    """model.global_pool is timm's pooling of each slice's feature map, built from scratch or from
+    local weights; "avgmax" is the mean of "avg" and "max" on the same weights."""
+    x = torch.rand(3, 6, 64, 64)
+    torch.manual_seed(0)
+    models = {pool: build_model(small_cfg(backbone=backbone, global_pool=pool)).backbone.eval()
+              for pool in ("avg", "max", "avgmax")}
+    state = models["avg"].state_dict()
+    for m in models.values():
+        m.load_state_dict(state)
+    with torch.no_grad():
+        feats = {pool: m(x) for pool, m in models.items()}
+    assert feats["avg"].shape == feats["max"].shape == feats["avgmax"].shape
+    assert not torch.allclose(feats["avg"], feats["max"])
+    if backbone == "regnetx_002":  # pooling straight onto the features: avgmax is exactly their mean
+        torch.testing.assert_close(feats["avgmax"], (feats["avg"] + feats["max"]) / 2)
+    rgb = timm.create_model(backbone, pretrained=False)
+    path = tmp_path / f"{backbone}.pth"
+    torch.save(rgb.state_dict(), path)
+    loaded = build_model(small_cfg(backbone=backbone, weights_file=str(path), global_pool="max")).backbone
+    assert "max" in repr(loaded) and loaded(x).shape == feats["max"].shape
+    with pytest.raises(Exception, match="global_pool"):
+        load_config(Stage2Config, None, ["model.global_pool=median"])
 
 
 def test_rejects_wrong_input_rank():
