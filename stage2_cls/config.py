@@ -35,7 +35,12 @@ class ModelConfig:
     pooling: Literal["mean", "attention"] = "mean"
     # How the backbone pools each slice's feature map into one vector (timm's global_pool):
     # "avg" (timm's default), "max", or "avgmax" (their mean). A fracture gap is a few pixels of a
-    # 224 px slice; an average over the whole map dilutes it, a maximum keeps it.
+    # 224 px slice; an average over the whole map dilutes it, a maximum keeps it. "avg" in both
+    # configs: recipe check (demo config, the same stage 1, all 5 folds), avgmax against avg, OOF /
+    # best constant: varied-96 0.85x vs 0.81x, slices-60 0.74x vs 0.82x, wide-fov-192 0.88x vs
+    # 0.84x (few-masks not run); submissions 0.79x / 0.68x / 0.86x vs 0.73x / 0.68x / 0.81x; the
+    # posterior-element breaks it was meant for stayed near chance (AUC 0.36 / 0.62 / 0.50 vs
+    # 0.39 / 0.68 / 0.56).
     global_pool: Literal["avg", "max", "avgmax"] = "avg"
     # Initial vertebra probability (the slice head's bias at its log-odds); 0 keeps the layer's
     # default (~0.5). Off in both configs: recipe check, demo config, all 5 folds, same stage 1,
