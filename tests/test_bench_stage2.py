@@ -27,3 +27,23 @@ def test_type1_and_type2_rows_on_cpu(monkeypatch):
         assert "train_peak_gb" not in r  # memory is read on CUDA only
     table = bench.format_table(rows)
     assert len(table.splitlines()) == 2 + len(rows) and "fp32+checkpoint 4" in table
+
+
+def test_inference_is_timed_with_the_configs_test_time_views(monkeypatch):
+    """The infer column times what validation and make_submission run: four flipped views with
+    tta: flips (the default), one with tta=none."""
+    views = []
+    original = bench.predict_logits
+
+    def spy(model, images, *args, tta="none"):
+        views.append(tta)
+        return original(model, images, *args, tta=tta)
+
+    monkeypatch.setattr(bench, "predict_logits", spy)
+    small = ["crop.size=32", "crop.n_slices=4"]
+    for tta in ("flips", "none"):
+        views.clear()
+        rows = bench.run(["demo"], torch.device("cpu"), iters=1, batch=2, types=[1], warmup=0,
+                         overrides=[*small, f"tta={tta}"])
+        assert views == [tta] * len(rows) and {r["tta"] for r in rows} == {tta}
+        assert f", {tta} |" in bench.format_table(rows)

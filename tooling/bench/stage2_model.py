@@ -8,8 +8,9 @@ from the config's ``crop`` section). Type 2 (``--types 2``): one sample is a who
 seven such stacks (batch 2 unless ``--batch``), timed without and with checkpointed
 backbone chunks (``model.checkpoint_chunk``, one vertebra's slices a chunk); its rows also
 give vertebra stacks/s, to compare with type 1. Training = the trainer's own step (forward,
-the stage's loss, backward, clipping, AdamW); inference = forward + vertebra probability
-under ``torch.no_grad``. Each configuration is timed beside a baseline in the same run: on
+the stage's loss, backward, clipping, AdamW); inference = what validation and the
+submission run under ``torch.no_grad``: ``predict_logits`` with the config's test-time views
+(``tta: flips``, the default, is four forward passes a batch; ``tta=none`` times one). Each configuration is timed beside a baseline in the same run: on
 CUDA fp32 versus autocast (bf16 where supported), on CPU the default memory layout versus
 channels_last; on CUDA the peak memory of each row is printed. Random inputs and weights (the
 config's ImageNet start is not looked for); nothing is read from disk.
@@ -31,7 +32,7 @@ from common.trainer import make_scaler, train_step
 from configs import config_path
 from stage2_cls.config import Stage2Config
 from stage2_cls.dataset import prepare_images
-from stage2_cls.model import build_model, count_parameters, vertebra_probability
+from stage2_cls.model import build_model, count_parameters, predict_logits
 from stage2_cls.train import batch_loss, study_batch_loss
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def time_model(cfg: Stage2Config, device: torch.device, batch: int, iters: int, 
     @torch.no_grad()
     def infer_step() -> None:
         with autocast_context(device, amp):
-            vertebra_probability(model(prepare_images(data["image"], device), *extra))
+            predict_logits(model, prepare_images(data["image"], device), *extra, tta=cfg.tta)
 
     result: dict[str, float] = {"params_m": count_parameters(model) / 1e6}
     for name, step, mode in (("train", one_train_step, True), ("infer", infer_step, False)):
@@ -132,7 +133,7 @@ def run(configs: Sequence[str], device: torch.device, iters: int | None, batch: 
                 timing = time_model(cfg, device, b, n, warmup=warm, amp=amp, channels_last=channels_last)
                 rows.append({"config": name, "type": model_type, "backbone": cfg.model.backbone,
                              "size": cfg.crop.size, "slices": cfg.crop.n_slices, "batch": b, "iters": n,
-                             "device": str(device), "variant": variant, **timing})
+                             "device": str(device), "variant": variant, "tta": cfg.tta, **timing})
                 log.info("%s", rows[-1])
     return rows
 
@@ -140,13 +141,13 @@ def run(configs: Sequence[str], device: torch.device, iters: int | None, batch: 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown; samples are vertebra stacks (type 1) or studies (type 2, with its stacks/s beside)."""
     head = ("| config | type | backbone | size x slices | batch | device | variant | train samples/s "
-            "(stacks/s) | infer samples/s (stacks/s) | peak GB train / infer |")
+            "(stacks/s) | infer samples/s (stacks/s), test-time views | peak GB train / infer |")
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         peak = (f"{r['train_peak_gb']:.1f} / {r['infer_peak_gb']:.1f}" if "train_peak_gb" in r else "-")
         lines.append(f"| {r['config']} | {r['type']} | {r['backbone']} | {r['size']} x {r['slices']} | {r['batch']} | "
                      f"{r['device']} | {r['variant']} | {r['train_samples_s']:.1f} ({r['train_stacks_s']:.1f}) | "
-                     f"{r['infer_samples_s']:.1f} ({r['infer_stacks_s']:.1f}) | {peak} |")
+                     f"{r['infer_samples_s']:.1f} ({r['infer_stacks_s']:.1f}), {r['tta']} | {peak} |")
     return "\n".join(lines)
 
 
