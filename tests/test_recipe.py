@@ -1,12 +1,13 @@
 """The recipe behind the demo and the recipe check, end to end on a tiny dataset with type 1 and type 2."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from common.metric import validate_submission
 from tooling import recipe_check
-from tooling.recipe import DatasetSpec, Recipe, kind_figures, overall_figures, run_recipe
+from tooling.recipe import DatasetSpec, Recipe, fit_figures, kind_figures, overall_figures, run_recipe
 
 # Two steps learn nothing. The layer's flat start (~0.5 everywhere) still gives every phase vertebrae
 # to work on; the demo's primed start (probability 0.01) would leave every box missing.
@@ -19,7 +20,7 @@ TINY2 = ["crop.size=32", "crop.n_slices=4", "model.lstm_hidden=8", "train.steps=
 @pytest.mark.slow
 def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     spec = DatasetSpec("tiny", n_train=10, n_seg=6, n_test=2, size=48, seed=5)
-    recipe = Recipe.demo(TINY1, TINY2, type2=True, oracle=True)
+    recipe = Recipe.demo(TINY1, TINY2, type2=True, oracle=True, fit=True)
     assert [c.run for c in recipe.stage2_runs] == ["demo", "demo-type2"]
     assert recipe.stage2_oracle.crop.stage1_run == "oracle" and recipe.stage2_oracle.model.type == 1
     assert recipe.stage2_type2.model.type == 2 and recipe.stage2_type2.train.batch_size == 2
@@ -56,6 +57,12 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
         fractured = sum(sum(r["fractured"]) for r in info["studies"] if r["uid"] in predicted)
         assert sum(v["n"] for v in result[key].values()) == fractured
     assert "by fracture kind, out of fold" in table
+    # Type 1 on its own training studies: with folds 0 and 1 trained, every study trained one of them.
+    assert result["stage2_fit"]["folds"] == 2 and 0.0 <= result["stage2_fit"]["train_auc"] <= 1.0
+    train_ids = set(pd.read_csv(tmp_path / "tiny" / "data" / "train.csv", dtype=str)["StudyInstanceUID"])
+    fractured = sum(sum(r["fractured"]) for r in info["studies"] if r["uid"] in train_ids)
+    assert sum(v["n"] for v in result["stage2_train_kind_auc"].values()) == fractured
+    assert "its training studies / out of fold" in table and "training studies (fractured" in table
     # Run again: training phases are skipped, the figures come back the same.
     again = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])
     assert not any(k.startswith(("stage 1 training", "stage 2 training", "oracle stage 1", "oracle stage 2 training"))
@@ -103,3 +110,47 @@ def test_kind_figures_rank_each_fracture_kind_against_every_intact_vertebra(tmp_
     assert kind_figures(tmp_path / "elsewhere", {"oof": p}) == {}
     table = recipe_check.format_kinds(figures)
     assert table == "line 1.00 (1); posterior 0.00 (1); ring 0.94 (1)"
+
+
+def test_fit_figures_score_each_fold_model_on_the_studies_it_trained_on(tmp_path, monkeypatch):
+    """A stand-in model that knows the labels of the studies it trained on and gets its own fold's
+    backwards: AUC 1 on the training studies, 0 out of fold; studies without a crop file are skipped."""
+    import stage2_cls.infer
+
+    data, work = tmp_path / "data", tmp_path / "work"
+    data.mkdir()
+    uids = [f"s{i}" for i in range(6)]
+    y = np.zeros((6, 7), int)
+    y[[0, 1, 2, 3, 5], [1, 6, 2, 4, 0]] = 1
+    pd.DataFrame(y, columns=[f"C{c}" for c in range(1, 8)]).assign(StudyInstanceUID=uids).to_csv(
+        data / "train.csv", index=False)
+    folds = pd.DataFrame({"StudyInstanceUID": uids, "fold": [0, 1, 0, 1, 0, 1], "seg_fold": -1})
+    (work / "crops").mkdir(parents=True)
+    folds.to_csv(work / "folds.csv", index=False)
+    for i, uid in enumerate(uids[:-1]):  # s5 has no crop file
+        np.savez(work / "crops" / f"{uid}.npz", stacks=np.full((7, 2, 6, 4, 4), i, np.uint8), missing=np.zeros(7, bool))
+    for k in (0, 1):
+        (work / "stage2" / "demo" / f"fold{k}").mkdir(parents=True)
+        (work / "stage2" / "demo" / f"fold{k}" / "best.pt").write_bytes(b"")
+    studies = [{"uid": u, "fractured": list(y[i]), "kinds": {f"C{c + 1}": "line" for c in np.flatnonzero(y[i])}}
+               for i, u in enumerate(uids)]
+    (data / "synth_info.json").write_text(json.dumps({"studies": studies}, default=int))
+
+    class Known:
+        def __init__(self, checkpoints):
+            self.fold = int(checkpoints[0].parent.name[4:])
+
+        def predict(self, stacks, missing):
+            i = int(stacks[0, 0, 0, 0, 0])
+            truth = y[i].astype(float)
+            own = folds["fold"][i] == self.fold
+            return {"type1": 0.2 + 0.6 * ((1 - truth) if own else truth)}
+
+    monkeypatch.setattr(stage2_cls.infer, "Stage2Ensemble", Known)
+    cfg = Recipe.demo().stage2
+    out = fit_figures(data, work, cfg)
+    assert out["stage2_fit"] == {"folds": 2, "train_auc": 1.0, "val_auc": 0.0}
+    # s0..s4 each trained the other fold's model; s5 has no crop: its fracture is not counted
+    assert out["stage2_train_kind_auc"] == {"line": {"n": 4, "auc": 1.0}}
+    # No fold model: no figures.
+    assert fit_figures(data, tmp_path / "elsewhere", cfg) == {}

@@ -20,6 +20,9 @@ Figures (:func:`evaluate`), all on data the models were not tuned on:
   displaced, posterior): the vertebra AUC of that kind's fractured vertebrae against
   every intact vertebra, out of fold (the chosen candidate) and in the submission, to
   tell which fractures stage 2 misses;
+- with ``fit``: type 1's vertebra AUC on the studies its fold models trained on, beside
+  the same models' AUC on their validation studies, overall and per fracture kind: low
+  on both is under-fitting, high on the first only over-fitting;
 - with ``oracle``: stage 2's out-of-fold score against the best constant once more, on
   crops cut from the true labels (:mod:`tooling.oracle`), i.e. with a perfect stage 1.
 """
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 import make_submission
 from common.config import load_config
 from common.constants import STUDY_COL, TARGETS
-from common.folds import list_segmentation_uids
+from common.folds import FOLDS_CSV, list_segmentation_uids, read_folds
 from common.metric import constant_score, evaluate_submission, read_labels_csv, submission_to_wide
 from configs import config_path
 from stage1_seg import predict as stage1_predict
@@ -69,6 +72,8 @@ class Recipe:
     # also train stage 2 (type 1, same folds) on crops cut from the true labels (tooling.oracle):
     # what stage 2 scores when stage 1 is perfect, beside what it scores after the real stage 1
     oracle: bool = False
+    # also score type 1 on the studies each fold model trained on (:func:`fit_figures`)
+    fit: bool = False
 
     @property
     def stage2_runs(self) -> list[Stage2Config]:
@@ -76,7 +81,7 @@ class Recipe:
 
     @classmethod
     def demo(cls, overrides1: Sequence[str] = (), overrides2: Sequence[str] = (),
-             type2: bool = False, oracle: bool = False) -> "Recipe":
+             type2: bool = False, oracle: bool = False, fit: bool = False) -> "Recipe":
         stage2 = load_config(Stage2Config, config_path("demo/stage2.yaml"), overrides2)
         # Type 2 takes whole studies: batch 2 is 14 vertebrae a step, near type 1's 8 in cost.
         stage2_type2 = load_config(Stage2Config, config_path("demo/stage2.yaml"),
@@ -84,7 +89,7 @@ class Recipe:
                                     "train.val_batch_size=4", *overrides2]) if type2 else None
         return cls(load_config(Stage1Config, config_path("demo/stage1.yaml"), ["predict.folds=[0]", *overrides1]),
                    stage2, load_config(make_submission.SubmissionConfig, config_path("demo/submission.yaml")),
-                   stage2_type2, oracle)
+                   stage2_type2, oracle, fit)
 
     @property
     def stage2_oracle(self) -> Stage2Config:
@@ -169,7 +174,8 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             **submission_figures(data, root / "submission.csv"),
             **kind_figures(data, {"stage2_kind_auc": chosen_oof(work, recipe, report["chosen"]),
                                   "submission_kind_auc": submission_vertebrae(root / "submission.csv")}),
-            **(oracle_figures(root / "oracle") if recipe.oracle else {})}
+            **(oracle_figures(root / "oracle") if recipe.oracle else {}),
+            **(fit_figures(data, work, recipe.stage2) if recipe.fit else {})}
 
 
 def oracle_figures(owork: Path) -> dict[str, float]:
@@ -263,4 +269,61 @@ def kind_figures(data: Path, predictions: dict[str, pd.DataFrame]) -> dict[str, 
                 auc = float(roc_auc_score(y, np.r_[positives, intact]))
             figures[kind] = {"n": len(positives), "auc": auc}
         out[name] = figures
+    return out
+
+
+def fit_figures(data: Path, work: Path, cfg: Stage2Config) -> dict[str, Any]:
+    """How well type 1 fits its own training studies, beside its validation studies.
+
+    Each fold model (``best.pt``, with its config's test-time views) predicts every study
+    of the fold split that has a crop file: its own fold's studies are validation, the
+    others training. Returns ``stage2_fit``: ``{"folds", "train_auc", "val_auc"}``, the
+    vertebra AUC over C1..C7 on each model's training studies (the mean over the fold
+    models) and on the validation studies (pooled over folds, as out of fold); and, where
+    the generator recorded fracture kinds, ``stage2_train_kind_auc``: per kind the mean
+    over the fold models of its training AUC (:func:`kind_figures`), with ``n`` the
+    fractured vertebrae of that kind that any of them trained on.
+    """
+    from stage2_cls.dataset import crop_path
+    from stage2_cls.infer import Stage2Ensemble
+
+    run_dir = work / "stage2" / cfg.run
+    trained = sorted(int(p.parent.name[4:]) for p in run_dir.glob("fold*/best.pt"))
+    if not trained:
+        return {}
+    folds = read_folds(work / FOLDS_CSV)
+    labels = pd.read_csv(data / "train.csv", dtype={STUDY_COL: str}).set_index(STUDY_COL)[list(TARGETS[:7])]
+    folds = folds[folds[STUDY_COL].isin(labels.index)]
+    folds = folds[[crop_path(work / "crops", uid).is_file() for uid in folds[STUDY_COL]]]
+
+    def frame(preds: dict[str, np.ndarray]) -> pd.DataFrame:
+        return pd.DataFrame(np.stack(list(preds.values())), index=list(preds), columns=list(TARGETS[:7]))
+
+    def auc(preds: pd.DataFrame) -> float:
+        y = labels.loc[preds.index].to_numpy().ravel()
+        return float(roc_auc_score(y, preds.to_numpy().ravel())) if 0 < y.sum() < y.size else float("nan")
+
+    val: dict[str, np.ndarray] = {}
+    train_aucs, kinds, seen = [], [], {}
+    for k in trained:
+        model = Stage2Ensemble([run_dir / f"fold{k}" / "best.pt"])
+        train: dict[str, np.ndarray] = {}
+        for uid, fold in tqdm(list(zip(folds[STUDY_COL], folds["fold"])), desc=f"fit check, fold {k}",
+                              unit="study", leave=False, dynamic_ncols=True):
+            with np.load(crop_path(work / "crops", uid)) as crop:
+                p = model.predict(crop["stacks"], crop["missing"])["type1"]
+            (val if fold == k else train)[uid] = p
+        if train:
+            train_aucs.append(auc(frame(train)))
+            kinds.append(kind_figures(data, {"train": frame(train)}).get("train", {}))
+            seen.update(train)
+    if not train_aucs:
+        return {}
+    out: dict[str, Any] = {"stage2_fit": {"folds": len(trained), "train_auc": float(np.nanmean(train_aucs)),
+                                          "val_auc": auc(frame(val)) if val else float("nan")}}
+    union = kind_figures(data, {"all": frame(seen)})
+    if union:
+        out["stage2_train_kind_auc"] = {
+            kind: {"n": v["n"], "auc": float(np.nanmean([f[kind]["auc"] for f in kinds if kind in f]))}
+            for kind, v in union["all"].items()}
     return out

@@ -1,6 +1,6 @@
 """Does the demo recipe learn on data it was not tuned on? Run it on several independent datasets.
 
-    python -m tooling.recipe_check [--out recipe_check] [--datasets NAME ...] [--folds K ...] [--type2] [--oracle]
+    python -m tooling.recipe_check [--out recipe_check] [--datasets NAME ...] [--folds K ...] [--type2] [--oracle] [--no-fit]
                                    [--stage1 k=v ...] [--stage2 k=v ...]
 
 Generates each dataset of ``DATASETS`` (different seeds, sizes and variety
@@ -11,7 +11,9 @@ and one with studies of 60 slices; none of them the seeds the recipe was tuned o
 prints, per dataset and side by side: stage-1 mean Dice, box z-IoU on studies
 that had no mask, stage-2 out-of-fold score / best constant, submission score /
 constant prior on that dataset's test studies, stage 2's vertebra AUC per fracture
-kind of the generator (out of fold and in the submission), and wall time; with ``--oracle``
+kind of the generator (out of fold and in the submission), type 1's vertebra AUC
+on the studies its fold models trained on beside out of fold (under- or over-fitting;
+``--no-fit`` skips it), and wall time; with ``--oracle``
 also stage 2's score on crops cut from the true labels (a perfect stage 1). The table is also
 written to ``<out>/recipe_check.md`` and ``<out>/recipe_check.json``; every
 phase resumes, so an interrupted check continues where it stopped.
@@ -81,6 +83,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
          lambda r: f"{r.get('overall_vs_type1_ratio', float('nan')):.2f}x", "overall_vs_type1_ratio"),
         ("stage-2 vertebra AUC by fracture kind, out of fold (fractured vertebrae)",
          lambda r: format_kinds(r["stage2_kind_auc"]), "stage2_kind_auc"),
+        ("stage-2 vertebra AUC (type 1): its training studies / out of fold",
+         lambda r: f"{r['stage2_fit']['train_auc']:.2f} / {r['stage2_fit']['val_auc']:.2f}", "stage2_fit"),
+        ("stage-2 vertebra AUC by fracture kind, training studies (fractured vertebrae)",
+         lambda r: format_kinds(r["stage2_train_kind_auc"]), "stage2_train_kind_auc"),
         ("submission / constant prior", lambda r: f"{r['submission_score']:.3f} / {r['submission_constant']:.3f} "
                                                   f"= {r['submission_ratio']:.2f}x", "submission_ratio"),
         ("submission vertebra AUC by fracture kind (fractured vertebrae)",
@@ -91,8 +97,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| figure | " + " | ".join(names) + " | target |", "| --- " * (len(names) + 2) + "|"]
     if not any("overall_learned_ratio" in results[n] for n in names):  # type 2 not trained
         rows = [row for row in rows if row[2] not in ("overall_learned_ratio", "overall_vs_type1_ratio")]
-    for optional in ("oracle_stage2_oof_ratio", "stage2_kind_auc", "submission_kind_auc"):
-        if not all(optional in results[n] for n in names):  # no oracle run; data without fracture kinds
+    for optional in ("oracle_stage2_oof_ratio", "stage2_kind_auc", "submission_kind_auc", "stage2_fit",
+                     "stage2_train_kind_auc"):
+        if not all(optional in results[n] for n in names):  # no oracle run or fit check; data without kinds
             rows = [row for row in rows if row[2] != optional]
     for label, fmt, key in rows:
         cells = [cell(key, results[n][key], fmt(results[n])) if key in results[n] else fmt(results[n])
@@ -127,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--oracle", action="store_true",
                         help="also train stage 2 on crops cut from the true labels (a perfect stage 1), "
                              "to tell a stage-2 failure from a stage-1 one")
+    parser.add_argument("--no-fit", dest="fit", action="store_false",
+                        help="skip scoring type 1 on its own training studies (the under- or over-fitting rows)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -134,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     from tooling.recipe import Recipe
 
-    recipe = Recipe.demo(args.stage1, args.stage2, type2=args.type2, oracle=args.oracle)
+    recipe = Recipe.demo(args.stage1, args.stage2, type2=args.type2, oracle=args.oracle, fit=args.fit)
     results = run(out, args.datasets, recipe, args.folds)
     print(format_table(results))
     return results
