@@ -57,11 +57,17 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
         fractured = sum(sum(r["fractured"]) for r in info["studies"] if r["uid"] in predicted)
         assert sum(v["n"] for v in result[key].values()) == fractured
     assert "by fracture kind, out of fold" in table
+    # Stage 1 on its own training studies, and on its validation studies exactly as its validation scored them.
+    seg = pd.read_csv(work / "folds.csv", dtype=str).query("seg_fold != '-1'")
+    assert result["stage1_fit"]["train_studies"] + result["stage1_fit"]["val_studies"] == len(seg)
+    assert result["stage1_fit"]["val_dice"] == pytest.approx(result["stage1_dice"])
+    assert 0.0 <= result["stage1_fit"]["train_dice"] <= 1.0
     # Type 1 on its own training studies: with folds 0 and 1 trained, every study trained one of them.
     assert result["stage2_fit"]["folds"] == 2 and 0.0 <= result["stage2_fit"]["train_auc"] <= 1.0
     train_ids = set(pd.read_csv(tmp_path / "tiny" / "data" / "train.csv", dtype=str)["StudyInstanceUID"])
     fractured = sum(sum(r["fractured"]) for r in info["studies"] if r["uid"] in train_ids)
     assert sum(v["n"] for v in result["stage2_train_kind_auc"].values()) == fractured
+    assert "its training studies / validation" in table
     assert "its training studies / out of fold" in table and "training studies (fractured" in table
     # Run again: training phases are skipped, the figures come back the same.
     again = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])

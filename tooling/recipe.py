@@ -20,9 +20,10 @@ Figures (:func:`evaluate`), all on data the models were not tuned on:
   displaced, posterior): the vertebra AUC of that kind's fractured vertebrae against
   every intact vertebra, out of fold (the chosen candidate) and in the submission, to
   tell which fractures stage 2 misses;
-- with ``fit``: type 1's vertebra AUC on the studies its fold models trained on, beside
-  the same models' AUC on their validation studies, overall and per fracture kind: low
-  on both is under-fitting, high on the first only over-fitting;
+- with ``fit``: stage 1's mean Dice on the segmented studies it trained on beside its
+  validation Dice, and type 1's vertebra AUC on the studies its fold models trained on
+  beside the same models' AUC on their validation studies, overall and per fracture kind:
+  low on both is under-fitting, high on the first only over-fitting;
 - with ``oracle``: stage 2's out-of-fold score against the best constant once more, on
   crops cut from the true labels (:mod:`tooling.oracle`), i.e. with a perfect stage 1.
 """
@@ -175,6 +176,7 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             **kind_figures(data, {"stage2_kind_auc": chosen_oof(work, recipe, report["chosen"]),
                                   "submission_kind_auc": submission_vertebrae(root / "submission.csv")}),
             **(oracle_figures(root / "oracle") if recipe.oracle else {}),
+            **(stage1_fit_figures(data, work, recipe.stage1) if recipe.fit else {}),
             **(fit_figures(data, work, recipe.stage2) if recipe.fit else {})}
 
 
@@ -327,3 +329,38 @@ def fit_figures(data: Path, work: Path, cfg: Stage2Config) -> dict[str, Any]:
             kind: {"n": v["n"], "auc": float(np.nanmean([f[kind]["auc"] for f in kinds if kind in f]))}
             for kind, v in union["all"].items()}
     return out
+
+
+def stage1_fit_figures(data: Path, work: Path, cfg: Stage1Config) -> dict[str, Any]:
+    """Stage 1's fold-0 model (``best.pt``) on the segmented studies it trained on and on its
+    validation studies, without augmentation, as its validation scores them: ``stage1_fit``:
+    ``{"train_dice", "val_dice", "train_studies", "val_studies"}`` (mean Dice at 0.5)."""
+    import torch
+
+    from common.checkpoint import rebuild_model
+    from stage1_seg.data import SegDataset, cache_dir, with_cervical_labels
+    from stage1_seg.model import as_model_input, build_model, class_probs
+
+    checkpoint = work / "stage1" / cfg.run / "fold0" / "best.pt"
+    if not checkpoint.is_file():
+        return {}
+    model, trained_cfg = rebuild_model(checkpoint, "stage1", Stage1Config, build_model)
+    model.eval()
+    folds = read_folds(work / FOLDS_CSV)
+    cache = cache_dir(work, trained_cfg.preprocess)
+    out: dict[str, Any] = {}
+    for name, fold_of in (("train", folds["seg_fold"] > 0), ("val", folds["seg_fold"] == 0)):
+        uids = with_cervical_labels([u for u in folds.loc[fold_of, STUDY_COL] if (cache / f"{u}.npz").is_file()], cache)
+        dataset = SegDataset(uids, cache, trained_cfg.model.in_channels)
+        counts = []
+        with torch.no_grad():
+            for i in tqdm(range(len(dataset)), desc=f"stage-1 fit check, {name}", unit="study", leave=False,
+                          dynamic_ncols=True):
+                item = dataset[i]
+                logits = model(as_model_input(item["image"][None])).float()
+                counts.append(stage1_train.dice_counts(class_probs(logits, trained_cfg.model.head), item["target"][None]))
+        if counts:
+            merged = {k: np.concatenate([c[k] for c in counts]) for k in counts[0]}
+            out[f"{name}_dice"] = stage1_train.dice_metrics(merged)["mean_dice"]
+        out[f"{name}_studies"] = len(uids)
+    return {"stage1_fit": out} if "train_dice" in out else {}

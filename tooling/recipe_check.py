@@ -11,9 +11,9 @@ and one with studies of 60 slices; none of them the seeds the recipe was tuned o
 prints, per dataset and side by side: stage-1 mean Dice, box z-IoU on studies
 that had no mask, stage-2 out-of-fold score / best constant, submission score /
 constant prior on that dataset's test studies, stage 2's vertebra AUC per fracture
-kind of the generator (out of fold and in the submission), type 1's vertebra AUC
-on the studies its fold models trained on beside out of fold (under- or over-fitting;
-``--no-fit`` skips it), and wall time; with ``--oracle``
+kind of the generator (out of fold and in the submission), how well each stage fits
+the studies it trained on beside held-out ones (stage-1 Dice; type 1's vertebra AUC,
+overall and per kind: under- or over-fitting; ``--no-fit`` skips it), and wall time; with ``--oracle``
 also stage 2's score on crops cut from the true labels (a perfect stage 1). The table is also
 written to ``<out>/recipe_check.md`` and ``<out>/recipe_check.json``; every
 phase resumes, so an interrupted check continues where it stopped.
@@ -65,6 +65,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         ("slice size, slices", lambda r: f"{r['dataset']['size']} px, "
                                          f"{r['dataset']['n_slices'] or 'by spacing'}", None),
         ("stage-1 mean Dice (fold 0)", lambda r: f"{r['stage1_dice']:.3f}", "stage1_dice"),
+        ("stage-1 mean Dice, its training studies / validation (fold 0)",
+         lambda r: f"{r['stage1_fit']['train_dice']:.3f} / {r['stage1_fit'].get('val_dice', float('nan')):.3f}",
+         "stage1_fit"),
         ("boxes: vertebrae with z-IoU >= 0.7 (no-mask studies)", lambda r: f"{r['box_ziou_ge_0_7']:.1%} "
                                                                           f"(mean {r['box_ziou_mean']:.2f})",
          "box_ziou_ge_0_7"),
@@ -97,7 +100,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| figure | " + " | ".join(names) + " | target |", "| --- " * (len(names) + 2) + "|"]
     if not any("overall_learned_ratio" in results[n] for n in names):  # type 2 not trained
         rows = [row for row in rows if row[2] not in ("overall_learned_ratio", "overall_vs_type1_ratio")]
-    for optional in ("oracle_stage2_oof_ratio", "stage2_kind_auc", "submission_kind_auc", "stage2_fit",
+    for optional in ("oracle_stage2_oof_ratio", "stage2_kind_auc", "submission_kind_auc", "stage1_fit", "stage2_fit",
                      "stage2_train_kind_auc"):
         if not all(optional in results[n] for n in names):  # no oracle run or fit check; data without kinds
             rows = [row for row in rows if row[2] != optional]
@@ -135,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
                         help="also train stage 2 on crops cut from the true labels (a perfect stage 1), "
                              "to tell a stage-2 failure from a stage-1 one")
     parser.add_argument("--no-fit", dest="fit", action="store_false",
-                        help="skip scoring type 1 on its own training studies (the under- or over-fitting rows)")
+                        help="skip scoring the models on the studies they trained on (the under- or over-fitting rows)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
