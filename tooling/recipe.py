@@ -305,20 +305,25 @@ def fit_figures(data: Path, work: Path, cfg: Stage2Config) -> dict[str, Any]:
         y = labels.loc[preds.index].to_numpy().ravel()
         return float(roc_auc_score(y, preds.to_numpy().ravel())) if 0 < y.sum() < y.size else float("nan")
 
+    models = {k: Stage2Ensemble([run_dir / f"fold{k}" / "best.pt"]) for k in trained}
     val: dict[str, np.ndarray] = {}
+    train: dict[int, dict[str, np.ndarray]] = {k: {} for k in trained}
+    for uid, fold in tqdm(list(zip(folds[STUDY_COL], folds["fold"])), desc="fit check", unit="study",
+                          leave=False, dynamic_ncols=True):
+        with np.load(crop_path(work / "crops", uid)) as crop:  # each crop file decoded once
+            stacks, missing = crop["stacks"], crop["missing"]
+        for k, model in models.items():
+            p = model.predict(stacks, missing)["type1"]
+            if fold == k:
+                val[uid] = p
+            else:
+                train[k][uid] = p
     train_aucs, kinds, seen = [], [], {}
     for k in trained:
-        model = Stage2Ensemble([run_dir / f"fold{k}" / "best.pt"])
-        train: dict[str, np.ndarray] = {}
-        for uid, fold in tqdm(list(zip(folds[STUDY_COL], folds["fold"])), desc=f"fit check, fold {k}",
-                              unit="study", leave=False, dynamic_ncols=True):
-            with np.load(crop_path(work / "crops", uid)) as crop:
-                p = model.predict(crop["stacks"], crop["missing"])["type1"]
-            (val if fold == k else train)[uid] = p
-        if train:
-            train_aucs.append(auc(frame(train)))
-            kinds.append(kind_figures(data, {"train": frame(train)}).get("train", {}))
-            seen.update(train)
+        if train[k]:
+            train_aucs.append(auc(frame(train[k])))
+            kinds.append(kind_figures(data, {"train": frame(train[k])}).get("train", {}))
+            seen.update(train[k])
     if not train_aucs:
         return {}
     out: dict[str, Any] = {"stage2_fit": {"folds": len(trained), "train_auc": float(np.nanmean(train_aucs)),
