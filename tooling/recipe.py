@@ -318,21 +318,21 @@ def fit_figures(data: Path, work: Path, cfg: Stage2Config) -> dict[str, Any]:
                 val[uid] = p
             else:
                 train[k][uid] = p
-    train_aucs, kinds, seen = [], [], {}
-    for k in trained:
-        if train[k]:
-            train_aucs.append(auc(frame(train[k])))
-            kinds.append(kind_figures(data, {"train": frame(train[k])}).get("train", {}))
-            seen.update(train[k])
-    if not train_aucs:
+    train_frames = {f"fold{k}": frame(preds) for k, preds in train.items() if preds}
+    if not train_frames:
         return {}
+    train_aucs = [auc(f) for f in train_frames.values()]
     out: dict[str, Any] = {"stage2_fit": {"folds": len(trained), "train_auc": float(np.nanmean(train_aucs)),
                                           "val_auc": auc(frame(val)) if val else float("nan")}}
-    union = kind_figures(data, {"all": frame(seen)})
-    if union:
+    seen = {uid: p for preds in train.values() for uid, p in preds.items()}
+    # One call (one read of the generator's kinds): each fold model's training studies, and
+    # their union for the counts.
+    by_frame = kind_figures(data, {**train_frames, "all": frame(seen)})
+    if by_frame:
+        kinds = [by_frame[name] for name in train_frames]
         out["stage2_train_kind_auc"] = {
             kind: {"n": v["n"], "auc": float(np.nanmean([f[kind]["auc"] for f in kinds if kind in f]))}
-            for kind, v in union["all"].items()}
+            for kind, v in by_frame["all"].items()}
     return out
 
 
