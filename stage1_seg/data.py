@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 AIR_HU = -1024  # what the cube is padded with where its region leaves the image
 
 
+def cube_shape(cfg: PreprocessConfig) -> tuple[int, int, int]:
+    """The cube's (D, H, W): ``depth`` (or ``size``) slices of ``size`` x ``size``."""
+    return (cfg.depth or cfg.size, cfg.size, cfg.size)
+
+
+def check_cube_shape(cfg: PreprocessConfig) -> None:
+    """The encoder halves the cube five times: each edge must be a multiple of 32."""
+    if cfg.size <= 0 or cfg.size % 32:
+        raise ValueError(f"preprocess.size must be a positive multiple of 32, got {cfg.size}")
+    if cfg.depth < 0 or cfg.depth % 32:
+        raise ValueError(f"preprocess.depth must be a positive multiple of 32 (or 0: the same as size), got {cfg.depth}")
+
+
 def cube_region(hu: np.ndarray, spacing: Sequence[float], cfg: PreprocessConfig) -> np.ndarray:
     """The region of the study (see ``common.volume``) that the cube covers."""
     if cfg.crop_mm > 0:
@@ -37,20 +50,23 @@ def cube_region(hu: np.ndarray, spacing: Sequence[float], cfg: PreprocessConfig)
 
 
 def preprocess_hu(hu: np.ndarray, spacing: Sequence[float], cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """HU volume ``(S, H, W)`` -> (windowed float32 cube ``(size,) * 3`` in [0, 1], its region (6,)).
+    """HU volume ``(S, H, W)`` -> (windowed float32 cube :func:`cube_shape` in [0, 1], its region (6,)).
 
     The one preprocessing of training, validation, prediction and submission.
     """
     region = cube_region(hu, spacing, cfg)
     part = crop_region(hu, region, AIR_HU)
-    volume = resample(torch.from_numpy(np.ascontiguousarray(part)).unsqueeze(0), (cfg.size,) * 3)[0]
+    volume = resample(torch.from_numpy(np.ascontiguousarray(part)).unsqueeze(0), cube_shape(cfg))[0]
     return window(volume, cfg.window_center, cfg.window_width).numpy(), region
 
 
 def cache_dir(work_dir: str | Path, cfg: PreprocessConfig) -> Path:
     """``work/cache/stage1/<hash of the preprocessing settings>``."""
-    key = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
-    return Path(work_dir) / "cache" / "stage1" / f"size{cfg.size}-{key}"
+    settings = to_dict(cfg)
+    if not cfg.depth:  # a cubic cube keeps the folder it had before depth existed
+        settings.pop("depth")
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(work_dir) / "cache" / "stage1" / f"size{cfg.size}{f'x{cfg.depth}' if cfg.depth else ''}-{key}"
 
 
 def build_cache_entry(uid: str, data_dir: Path, out_dir: Path, cfg: PreprocessConfig) -> Path:
@@ -61,7 +77,7 @@ def build_cache_entry(uid: str, data_dir: Path, out_dir: Path, cfg: PreprocessCo
     study = load_study(data_dir / "train_images" / uid)
     labels = load_rsna_mask(_mask_path(data_dir, uid), study)
     image, region = preprocess_hu(study.hu, study.spacing, cfg)
-    target = resample_labels(crop_region(labels, region, 0), (cfg.size,) * 3)
+    target = resample_labels(crop_region(labels, region, 0), cube_shape(cfg))
     save_npz_atomic(path, image=image.astype(np.float16), target=np.round(target * 255).astype(np.uint8),
                     region=region)
     return path

@@ -27,7 +27,7 @@ from common.folds import fold_split
 from common.trainer import fit
 from stage1_seg.augment import mixup
 from stage1_seg.config import Stage1Config
-from stage1_seg.data import SegDataset, prepare_cache, with_cervical_labels
+from stage1_seg.data import SegDataset, check_cube_shape, prepare_cache, with_cervical_labels
 from stage1_seg.model import as_model_input, build_model, check_pretrained, class_probs
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,7 @@ class SegTask:
 
 def run(cfg: Stage1Config, data_dir: Path, work_dir: Path, fold: int, resume: bool = False) -> dict[str, Any]:
     """Train one fold; returns the metrics written to ``work/stage1/<run>/fold<k>/metrics.json``."""
-    if cfg.preprocess.size % 32:
-        raise ValueError(f"preprocess.size must be a multiple of 32, got {cfg.preprocess.size}")
+    check_cube_shape(cfg.preprocess)
     out_dir = Path(work_dir) / "stage1" / cfg.run / f"fold{fold}"
     if not (resume and (out_dir / "last.pt").exists()):  # a resumed run takes every weight from last.pt
         check_pretrained(cfg.model)  # no ImageNet source: stop now, before folds and the cache

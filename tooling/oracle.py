@@ -22,7 +22,7 @@ from common.dicom import load_study
 from common.io import save_npz_atomic, write_csv_atomic
 from common.volume import crop_region, resample_labels
 from stage1_seg.config import Stage1Config
-from stage1_seg.data import cube_region
+from stage1_seg.data import cube_region, cube_shape
 from stage1_seg.predict import boxes_from_npz, study_outputs
 from tooling.synth import plan_dataset, synth_study
 
@@ -36,8 +36,7 @@ def oracle_outputs(hu: np.ndarray, spacing, labels: np.ndarray, uid: str, cfg: S
     if labels.shape != hu.shape:
         raise ValueError(f"{uid}: labels {labels.shape} do not match the study's volume {hu.shape}")
     region = cube_region(hu, spacing, cfg.preprocess)
-    size = cfg.preprocess.size
-    probs = np.round(resample_labels(crop_region(labels, region, 0), (size,) * 3) * 255).astype(np.uint8)
+    probs = np.round(resample_labels(crop_region(labels, region, 0), cube_shape(cfg.preprocess)) * 255).astype(np.uint8)
     return study_outputs(probs, region, hu.shape, uid, cfg)[0]
 
 

@@ -21,7 +21,7 @@ from common.device import autocast_context, choose_device
 from common.trainer import make_scaler, train_step
 from configs import config_path
 from stage1_seg.config import Stage1Config
-from stage1_seg.data import preprocess_hu
+from stage1_seg.data import cube_shape, preprocess_hu
 from stage1_seg.model import build_model, class_probs
 from stage1_seg.train import batch_loss
 
@@ -36,9 +36,9 @@ def train_rate(cfg: Stage1Config, device: torch.device, amp: bool, batch: int, s
     model = build_model(cfg.model, pretrained_source=False).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = make_scaler(device, amp)
-    size = cfg.preprocess.size
-    data = {"image": torch.rand(batch, cfg.model.in_channels, size, size, size, device=device),
-            "target": (torch.rand(batch, 7, size, size, size, device=device) > 0.95).float()}
+    shape = cube_shape(cfg.preprocess)
+    data = {"image": torch.rand(batch, cfg.model.in_channels, *shape, device=device),
+            "target": (torch.rand(batch, 7, *shape, device=device) > 0.95).float()}
     loss_fn = partial(batch_loss, cfg)
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = choose_device()
     batch = args.batch_size or cfg.train.batch_size
     torch.manual_seed(0)
-    print(f"device {device}  encoder {cfg.model.encoder}  cube {cfg.preprocess.size}^3  batch {batch}  "
+    print(f"device {device}  encoder {cfg.model.encoder}  cube {"x".join(map(str, cube_shape(cfg.preprocess)))}  batch {batch}  "
           f"torch threads {torch.get_num_threads()}")
     modes = [("fp32", False), ("amp", True)] if device.type == "cuda" else [("fp32", False)]
     print(f"{'mode':6} {'train samples/s':>16} {'predict studies/s':>18} {'network only':>13}")
