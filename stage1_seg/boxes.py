@@ -145,6 +145,40 @@ def read_boxes(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def study_dice(probs: np.ndarray, region: np.ndarray, labels: np.ndarray, level: float = 0.5) -> np.ndarray:
+    """Dice of each vertebra's mask at the study's own resolution, ``(7,)``.
+
+    probs: ``(7, d, h, w)`` cube probabilities (uint8 0..255 or float 0..1) covering ``region``;
+    labels: ``(S, H, W)`` with C1..C7 as 1..7. Each map is interpolated trilinearly onto the
+    study's voxels (cube voxel centres on the centres of the voxels they cover, as the crops'
+    mask channel reads it) and cut at ``level``; truth outside the region counts as missed.
+    A vertebra absent from both counts 1, as in stage-1 validation. The Dice of validation is
+    taken on the cube's coarse grid, where a vertebra is a few voxels thick head to feet.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    region = np.asarray(region, dtype=np.int64)
+    size = tuple(int(region[2 * a + 1] - region[2 * a]) for a in range(3))
+    inside, part = [], []
+    for axis in range(3):
+        lo, hi = max(int(region[2 * axis]), 0), min(int(region[2 * axis + 1]), labels.shape[axis])
+        inside.append(slice(lo, max(lo, hi)))
+        part.append(slice(lo - int(region[2 * axis]), max(lo, hi) - int(region[2 * axis])))
+    scale = 255.0 if probs.dtype == np.uint8 else 1.0
+    out = np.ones(len(VERTEBRAE))
+    window = labels[tuple(inside)]
+    for c in range(len(VERTEBRAE)):  # one map at a time: a study-sized float volume each
+        channel = torch.from_numpy(np.ascontiguousarray(probs[c], dtype=np.float32))[None, None]
+        pred = F.interpolate(channel, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
+        pred = pred[tuple(part)] >= level * scale
+        truth_total = int((labels == c + 1).sum())
+        denominator = int(pred.sum()) + truth_total
+        if denominator:
+            out[c] = 2.0 * int((pred & (window == c + 1)).sum()) / denominator
+    return out
+
+
 def z_iou(a: tuple[int, int], b: tuple[int, int]) -> float:
     """IoU of two inclusive slice ranges."""
     inter = max(0, min(a[1], b[1]) - max(a[0], b[0]) + 1)

@@ -27,7 +27,8 @@ from common.dicom import load_study
 from common.io import remove_stale_temporaries, save_npz_atomic, write_csv_atomic, write_json_atomic
 from common.nifti import load_rsna_mask
 from stage1_seg.boxes import (BOX_COLUMNS, OFFSETS_FILE, STATUSES, apply_box_offsets, boxes_from_labels, cube_slices,
-                              fit_box_offsets, read_box_offsets, vertebra_boxes, write_box_offsets, z_errors, z_iou)
+                              fit_box_offsets, read_box_offsets, study_dice, vertebra_boxes, write_box_offsets, z_errors,
+                              z_iou)
 from stage1_seg.config import Stage1Config
 from stage1_seg.infer import Stage1Ensemble, find_checkpoints
 
@@ -60,16 +61,19 @@ def predict_study(ensemble: Stage1Ensemble, folder: Path, cfg: Stage1Config,
     """Everything saved for one study: probs, shape, box coordinates and status codes.
 
     With a ground-truth ``mask_path``, also the z-IoU of each predicted slice range
-    with the true one (``ziou`` (7,), NaN where the vertebra is absent from the truth) and
-    the true ranges (``true_z`` (7, 2), -1 where absent).
+    with the true one (``ziou`` (7,), NaN where the vertebra is absent from the truth), the
+    true ranges (``true_z`` (7, 2), -1 where absent) and each vertebra's Dice at the study's
+    own resolution (``dice`` (7,), see :func:`stage1_seg.boxes.study_dice`).
     """
     study = load_study(folder, tolerant=True)
     probs, region = ensemble.predict_hu(study.hu, study.spacing)
     out, boxes = study_outputs(probs, region, study.hu.shape, study.uid, cfg)
     if mask_path is not None:
-        truth = boxes_from_labels(load_rsna_mask(mask_path, study), study.uid)
+        labels = load_rsna_mask(mask_path, study)
+        truth = boxes_from_labels(labels, study.uid)
         out["ziou"] = ziou_rows(boxes, truth)
         out["true_z"] = truth[["z0", "z1"]].to_numpy(np.int64)
+        out["dice"] = study_dice(probs, region, labels)
     return out
 
 

@@ -58,9 +58,14 @@ def test_train_and_predict_with_a_deeper_cube(tmp_path):
     assert summary["failed"] == [] and summary["studies"] == 7
     run_dir = tmp_path / "work" / "stage1" / "deep"
     boxes = pd.read_csv(run_dir / "boxes.csv", dtype={"StudyInstanceUID": str})
+    with_dice = 0
     for path in (run_dir / "masks").glob("*.npz"):
         with np.load(path) as npz:
             assert npz["probs"].shape == (7, 64, 32, 32)
             n_slices = int(npz["shape"][0])
+            if "dice" in npz.files:  # the studies with masks: Dice at their own resolution
+                with_dice += 1
+                assert npz["dice"].shape == (7,) and ((npz["dice"] >= 0) & (npz["dice"] <= 1)).all()
         found = boxes[(boxes["StudyInstanceUID"] == path.stem) & (boxes["status"] != "missing")]
         assert ((found["z0"] >= 0) & (found["z1"] < n_slices) & (found["z0"] <= found["z1"])).all()
+    assert with_dice == 5

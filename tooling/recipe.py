@@ -165,6 +165,7 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
     s1 = json.loads((work / "stage1" / recipe.stage1.run / "fold0" / "metrics.json").read_text())
     report = json.loads((work / "stage2" / "report" / "cv_report.json").read_text())
     return {"stage1_dice": s1["mean_dice"], "stage1_dice_per_vertebra": {f"C{c}": s1[f"dice_C{c}"] for c in range(1, 8)},
+            **study_dice_figures(work, recipe.stage1.run),
             **box_figures(data, work / "stage1" / recipe.stage1.run / "boxes.csv"),
             "stage2_oof_score": report["score"], "stage2_oof_constant": report["constant_score"],
             "stage2_oof_ratio": report["score"] / report["constant_score"], "stage2_folds": report["folds"],
@@ -203,6 +204,25 @@ def overall_figures(report: dict[str, Any]) -> dict[str, float]:
         if learned and "type 1" in figures:
             out["overall_vs_type1_ratio"] = min(learned) / figures["type 1"]
     return out
+
+
+def study_dice_figures(work: Path, run: str) -> dict[str, Any]:
+    """Stage 1's mean Dice at the studies' own resolution on fold 0's validation studies (those
+    its model did not train on), from the ``dice`` that prediction saved for studies with masks:
+    ``stage1_dice_study`` and ``stage1_dice_study_per_vertebra``. Empty when none has it."""
+    folds = read_folds(work / FOLDS_CSV)
+    rows = []
+    for uid in folds.loc[folds["seg_fold"] == 0, STUDY_COL]:
+        path = work / "stage1" / run / "masks" / f"{uid}.npz"
+        if path.is_file():
+            with np.load(path) as npz:
+                if "dice" in npz.files and (npz["true_z"][:, 0] >= 0).any():
+                    rows.append(npz["dice"])
+    if not rows:
+        return {}
+    mean = np.mean(rows, axis=0)
+    return {"stage1_dice_study": float(mean.mean()), "stage1_dice_study_studies": len(rows),
+            "stage1_dice_study_per_vertebra": {f"C{c + 1}": float(v) for c, v in enumerate(mean)}}
 
 
 def box_figures(data: Path, boxes_csv: Path) -> dict[str, float]:

@@ -65,6 +65,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         ("slice size, slices", lambda r: f"{r['dataset']['size']} px, "
                                          f"{r['dataset']['n_slices'] or 'by spacing'}", None),
         ("stage-1 mean Dice (fold 0)", lambda r: f"{r['stage1_dice']:.3f}", "stage1_dice"),
+        ("the same at the studies' own resolution (its validation studies)",
+         lambda r: f"{r['stage1_dice_study']:.3f}", "stage1_dice_study"),
         ("stage-1 mean Dice, its training studies / validation (fold 0)",
          lambda r: f"{r['stage1_fit']['train_dice']:.3f} / {r['stage1_fit'].get('val_dice', float('nan')):.3f}",
          "stage1_fit"),
@@ -100,7 +102,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| figure | " + " | ".join(names) + " | target |", "| --- " * (len(names) + 2) + "|"]
     if not any("overall_learned_ratio" in results[n] for n in names):  # type 2 not trained
         rows = [row for row in rows if row[2] not in ("overall_learned_ratio", "overall_vs_type1_ratio")]
-    for optional in ("oracle_stage2_oof_ratio", "stage2_kind_auc", "submission_kind_auc", "stage1_fit", "stage2_fit",
+    for optional in ("stage1_dice_study", "oracle_stage2_oof_ratio", "stage2_kind_auc", "submission_kind_auc", "stage1_fit", "stage2_fit",
                      "stage2_train_kind_auc"):
         if not all(optional in results[n] for n in names):  # no oracle run or fit check; data without kinds
             rows = [row for row in rows if row[2] != optional]
