@@ -10,10 +10,9 @@ from common.trainer import TrainConfig
 @dataclass(frozen=True)
 class PreprocessConfig:
     size: int = 128                    # cube edge the study is resampled to (multiple of 32)
-    # Cube slices along head-feet (multiple of 32); 0: ``size``. The neck spans more millimetres
-    # head to feet than the in-plane crop below is wide, and a vertebra is much thinner along
-    # that axis than across: at 64^3 a C3-C6 covers ~7 cube voxels head to feet against ~17-19
-    # front to back, so most of its Dice is lost on its upper and lower faces.
+    # Cube slices along head-feet (multiple of 32); 0: ``size``. A vertebra is much thinner head
+    # to feet than across: at 64^3 a C3-C6 covers ~7 cube voxels head to feet against ~17-19
+    # front to back (recipe-check data), so much of its Dice is lost on its upper and lower faces.
     depth: int = 0
     window_center: float = 400.0       # HU window mapped to [0, 1]
     window_width: float = 1800.0

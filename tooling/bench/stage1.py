@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = choose_device()
     batch = args.batch_size or cfg.train.batch_size
     torch.manual_seed(0)
-    print(f"device {device}  encoder {cfg.model.encoder}  cube {"x".join(map(str, cube_shape(cfg.preprocess)))}  batch {batch}  "
+    cube = "x".join(map(str, cube_shape(cfg.preprocess)))
+    print(f"device {device}  encoder {cfg.model.encoder}  cube {cube}  batch {batch}  "
           f"torch threads {torch.get_num_threads()}")
     modes = [("fp32", False), ("amp", True)] if device.type == "cuda" else [("fp32", False)]
     print(f"{'mode':6} {'train samples/s':>16} {'predict studies/s':>18} {'network only':>13}")
