@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from common.metric import validate_submission
-from tooling import recipe_check
+from tooling import demo, recipe_check
 from tooling.recipe import DatasetSpec, Recipe, fit_figures, kind_figures, overall_figures, run_recipe
 
 # Two steps learn nothing. The layer's flat start (~0.5 everywhere) still gives every phase vertebrae
@@ -68,6 +68,11 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     fractured = sum(sum(r["fractured"]) for r in info["studies"] if r["uid"] in train_ids)
     assert sum(v["n"] for v in result["stage2_train_kind_auc"].values()) == fractured
     assert "its training studies / validation" in table
+    # The same fold-0 validation studies scored at their own resolution, in the table and the demo's printout.
+    assert result["stage1_dice_study_studies"] == result["stage1_fit"]["val_studies"]
+    assert 0.0 <= result["stage1_dice_study"] <= 1.0 and len(result["stage1_dice_study_per_vertebra"]) == 7
+    assert "at the studies' own resolution" in table
+    assert "at the studies' own resolution" in demo.format_result(result)
     assert "its training studies / out of fold" in table and "training studies (fractured" in table
     # Run again: training phases are skipped, the figures come back the same.
     again = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])

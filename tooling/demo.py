@@ -55,6 +55,9 @@ def format_result(r: dict[str, Any]) -> str:
     return "\n".join([
         "",
         f"stage 1 validation mean Dice        {r['stage1_dice']:.3f} ({per_vertebra})",
+        *([f"  at the studies' own resolution    {r['stage1_dice_study']:.3f} "
+           f"({r['stage1_dice_study_studies']} validation studies; the cube's grid above)"]
+          if "stage1_dice_study" in r else []),
         f"boxes, studies without a mask       {r['box_ziou_ge_0_7']:.1%} of {r['box_vertebrae']} vertebrae "
         f"with z-IoU >= 0.7 (mean {r['box_ziou_mean']:.2f})",
         f"stage 2 validation score (fold 0)   {r['stage2_oof_score']:.4f} vs best constant "
