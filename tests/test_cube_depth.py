@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import load_config
+from common.config import from_dict, load_config, to_dict
 from stage1_seg import predict, train
 from stage1_seg.config import PreprocessConfig, Stage1Config
 from stage1_seg.data import cache_dir, check_cube_shape, cube_shape, preprocess_hu
@@ -34,6 +34,13 @@ def test_cache_folder_of_a_cubic_cube_is_unchanged_and_a_deeper_one_differs(tmp_
     key = hashlib.sha1(json.dumps(before, sort_keys=True).encode()).hexdigest()[:10]
     assert cache_dir(tmp_path, cfg).name == f"size64-{key}"
     assert cache_dir(tmp_path, PreprocessConfig(size=64, depth=96)).name.startswith("size64x96-")
+
+
+def test_a_config_saved_before_depth_existed_reads_as_a_cubic_cube():
+    saved = to_dict(load_config(Stage1Config, None, ["preprocess.size=64"]))
+    del saved["preprocess"]["depth"]  # what checkpoints and config.yaml files of earlier runs hold
+    cfg = from_dict(Stage1Config, saved)
+    assert cfg.preprocess.depth == 0 and cube_shape(cfg.preprocess) == (64, 64, 64)
 
 
 def test_preprocess_gives_the_deeper_cube():
