@@ -69,13 +69,21 @@ def crop_region(volume: np.ndarray, region: np.ndarray, fill: float) -> np.ndarr
     if np.array_equal(region, full_region(volume.shape)):
         return volume
     out = np.full(tuple(region[1::2] - region[0::2]), fill, dtype=volume.dtype)
+    src, dst = region_overlap(volume.shape, region)
+    out[dst] = volume[src]
+    return out
+
+
+def region_overlap(shape: Sequence[int], region: np.ndarray) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Where ``region`` and a study of ``shape`` (S, H, W) overlap: (the study's slices, the same
+    voxels' slices in region coordinates); empty slices where they do not overlap."""
+    region = np.asarray(region, dtype=np.int64)
     src, dst = [], []
     for axis in range(3):
-        lo, hi = max(region[2 * axis], 0), min(region[2 * axis + 1], volume.shape[axis])
+        lo, hi = max(int(region[2 * axis]), 0), min(int(region[2 * axis + 1]), int(shape[axis]))
         src.append(slice(lo, max(lo, hi)))
-        dst.append(slice(lo - region[2 * axis], max(lo, hi) - region[2 * axis]))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
+        dst.append(slice(lo - int(region[2 * axis]), max(lo, hi) - int(region[2 * axis])))
+    return tuple(src), tuple(dst)
 
 
 def body_square(hu: np.ndarray, spacing: Sequence[float], side_mm: float, body_hu: float = -300.0) -> np.ndarray:

@@ -23,7 +23,7 @@ import pandas as pd
 from scipy import ndimage
 
 from common.constants import STUDY_COL, VERTEBRAE
-from common.volume import full_region
+from common.volume import full_region, region_overlap
 
 BOX_COLUMNS = [STUDY_COL, "vertebra", "z0", "z1", "y0", "y1", "x0", "x1", "voxels", "status"]
 STATUSES = ("found", "weak", "missing")
@@ -159,21 +159,17 @@ def study_dice(probs: np.ndarray, region: np.ndarray, labels: np.ndarray, level:
     import torch.nn.functional as F
 
     region = np.asarray(region, dtype=np.int64)
-    size = tuple(int(region[2 * a + 1] - region[2 * a]) for a in range(3))
-    inside, part = [], []
-    for axis in range(3):
-        lo, hi = max(int(region[2 * axis]), 0), min(int(region[2 * axis + 1]), labels.shape[axis])
-        inside.append(slice(lo, max(lo, hi)))
-        part.append(slice(lo - int(region[2 * axis]), max(lo, hi) - int(region[2 * axis])))
+    size = tuple(int(v) for v in region[1::2] - region[0::2])
+    inside, part = region_overlap(labels.shape, region)
     scale = 255.0 if probs.dtype == np.uint8 else 1.0
     out = np.ones(len(VERTEBRAE))
-    window = labels[tuple(inside)]
+    window = labels[inside]
+    truth_totals = np.bincount(labels.ravel(), minlength=len(VERTEBRAE) + 1)  # voxels of each label value
     for c in range(len(VERTEBRAE)):  # one map at a time: a study-sized float volume each
         channel = torch.from_numpy(np.ascontiguousarray(probs[c], dtype=np.float32))[None, None]
         pred = F.interpolate(channel, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
-        pred = pred[tuple(part)] >= level * scale
-        truth_total = int((labels == c + 1).sum())
-        denominator = int(pred.sum()) + truth_total
+        pred = pred[part] >= level * scale
+        denominator = int(pred.sum()) + int(truth_totals[c + 1])
         if denominator:
             out[c] = 2.0 * int((pred & (window == c + 1)).sum()) / denominator
     return out
