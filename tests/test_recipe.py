@@ -165,3 +165,18 @@ def test_fit_figures_score_each_fold_model_on_the_studies_it_trained_on(tmp_path
     assert out["stage2_train_kind_auc"] == {"line": {"n": 4, "auc": 1.0}}
     # No fold model: no figures.
     assert fit_figures(data, tmp_path / "elsewhere", cfg) == {}
+
+
+def test_the_many_studies_dataset_is_named_not_default_and_differs_only_in_training_studies(monkeypatch, tmp_path):
+    """``--datasets many-studies`` runs varied-96's settings with four times the training studies and
+    the same number of masks; the default check stays the four datasets the targets are read on."""
+    many, varied = recipe_check.EXTRA_DATASETS["many-studies"], recipe_check.DATASETS["varied-96"]
+    assert "many-studies" not in recipe_check.DATASETS
+    assert many.n_train == 4 * varied.n_train and many.n_seg == varied.n_seg
+    assert (many.size, many.variety, many.n_slices) == (varied.size, varied.variety, varied.n_slices)
+    assert many.seed not in {s.seed for s in recipe_check.DATASETS.values()}
+    ran = {}
+    monkeypatch.setattr(recipe_check, "run", lambda out, names, recipe, folds: ran.setdefault("names", names) and {})
+    monkeypatch.setattr(recipe_check, "format_table", lambda results: "")
+    recipe_check.main(["--out", str(tmp_path), "--datasets", "many-studies", "--no-fit"])
+    assert ran["names"] == ["many-studies"]
