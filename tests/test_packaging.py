@@ -21,8 +21,9 @@ _NOT_OURS = {"pip", "pytest", "venv"}
 
 
 def documented_commands() -> list[str]:
-    """Every ``python -m MODULE`` and ``python path/script.py`` written in README.md and the Makefile."""
-    text = (ROOT / "README.md").read_text() + (ROOT / "Makefile").read_text()
+    """Every ``python -m MODULE`` and ``python path/script.py`` written in README.md, docs/*.md and the Makefile."""
+    pages = [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages)
     modules = {m for m in _MODULE.findall(text) if m.split(".")[0] not in _NOT_OURS and not m.startswith("torch")}
     return sorted(f"-m {m}" for m in modules) + sorted(set(_SCRIPT.findall(text)))
 
