@@ -48,6 +48,7 @@ DATASETS = {spec.name: spec for spec in (
 EXTRA_DATASETS = {spec.name: spec for spec in (
     DatasetSpec("many-studies", n_train=192, n_seg=24, size=96, seed=505),
 )}
+ALL_DATASETS = {**DATASETS, **EXTRA_DATASETS}
 TARGETS = {"stage1_dice": (">=", 0.85), "box_ziou_ge_0_7": (">=", 0.90), "stage2_oof_ratio": ("<=", 0.7),
            "submission_ratio": ("<=", 0.8), "overall_learned_ratio": ("<=", 0.9)}
 
@@ -127,7 +128,7 @@ def run(out: Path, names: Sequence[str], recipe: "Recipe", folds: Sequence[int])
 
     results = {}
     for name in names:
-        results[name] = run_recipe(out / name, {**DATASETS, **EXTRA_DATASETS}[name], recipe, folds)
+        results[name] = run_recipe(out / name, ALL_DATASETS[name], recipe, folds)
         (out / "recipe_check.json").write_text(json.dumps(results, indent=2, default=str))
     table = format_table(results)
     (out / "recipe_check.md").write_text(table + "\n")
@@ -137,7 +138,7 @@ def run(out: Path, names: Sequence[str], recipe: "Recipe", folds: Sequence[int])
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="recipe_check", help="folder for the datasets, models and tables")
-    parser.add_argument("--datasets", nargs="+", choices=sorted({**DATASETS, **EXTRA_DATASETS}), default=list(DATASETS),
+    parser.add_argument("--datasets", nargs="+", choices=sorted(ALL_DATASETS), default=list(DATASETS),
                         help=f"default: {' '.join(DATASETS)}; also {' '.join(EXTRA_DATASETS)} (four times the "
                              "training studies)")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="stage-2 folds to train")
