@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from common.config import replace, to_dict
 from common.trainer import TrainConfig
 
 
@@ -94,6 +95,21 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class Type2TrainConfig:
+    """Training settings of the type-2 model that differ from ``train``'s (0: ``train``'s value).
+
+    A type-2 sample is a whole study (7 vertebra stacks), so one step sees 7x the stacks of a
+    type-1 step and an epoch has 7x fewer steps: it needs its own schedule. Applied by
+    :func:`for_model_type` whenever ``model.type`` is 2 (``--model-type 2`` included).
+    """
+
+    steps: int = 0
+    eval_every: int = 0
+    batch_size: int = 0
+    val_batch_size: int = 0
+
+
+@dataclass(frozen=True)
 class Stage2Config:
     """The real recipe; configs/stage2.yaml holds only what differs from these defaults."""
 
@@ -119,7 +135,25 @@ class Stage2Config:
     crop: CropConfig = field(default_factory=CropConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # The winners: batch 8, AdamW lr 2.3e-4 decaying to 2.3e-5 (cosine), mixup 0.5, 5 folds.
+    # The winners (their public training notebooks): batch 8, AdamW lr 2.3e-4 decaying to 2.3e-5
+    # (cosine), mixup 0.5, 5 folds, the epoch of lowest validation loss kept. Type 1: 75 epochs
+    # of ~1,412 batches (2,018 studies x 7 vertebrae x 4/5, batch 8), ~106,000 steps. Type 2
+    # (whole studies): 50 epochs of ~201 batches of 8 studies, ~10,000 steps. Ours: the same
+    # step counts, the best validation score of the fold's ~400 studies kept (about one check per
+    # two of their epochs). Until this version type 1 had 6,000 steps, ~4 passes over its training
+    # vertebrae: on the recipe check's many-studies set the demo network needed ~30 passes
+    # (docs/experiments.md). On an H100 (README, Benchmarks) 106,000 type-1 steps are ~1.5 h a
+    # fold of model time, 10,000 type-2 steps ~1 h at batch 8 (~35 GB; with less GPU memory use
+    # model.checkpoint_chunk, or type2.batch_size=2 with more steps).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=6000, eval_every=500, batch_size=8, val_batch_size=16, lr=2.3e-4, min_lr_ratio=0.1,
-        weight_decay=5e-2, warmup_steps=200, num_workers=8))
+        steps=106_000, eval_every=2_800, batch_size=8, val_batch_size=16, lr=2.3e-4, min_lr_ratio=0.1,
+        weight_decay=5e-2, warmup_steps=200, num_workers=8, select="best"))
+    type2: Type2TrainConfig = field(default_factory=lambda: Type2TrainConfig(steps=10_000, eval_every=400))
+
+
+def for_model_type(cfg: Stage2Config) -> Stage2Config:
+    """``cfg`` with ``type2``'s non-zero settings moved into ``train`` when ``model.type`` is 2."""
+    if cfg.model.type != 2:
+        return cfg
+    changes = {f"train.{name}": value for name, value in to_dict(cfg.type2).items() if value}
+    return replace(cfg, **changes) if changes else cfg

@@ -38,7 +38,7 @@ from common.metric import (best_constant, competition_score, constant_score, lab
                            read_labels_csv)
 from common.trainer import fit
 from stage2_cls.augment import StackAugmenter, mixup
-from stage2_cls.config import Stage2Config
+from stage2_cls.config import Stage2Config, for_model_type
 from stage2_cls.dataset import (CropStore, StudyDataset, VertebraDataset, available_crops, fill_missing,
                                 prepare_images)
 from stage2_cls.infer import study_probabilities
@@ -209,6 +209,11 @@ def run(cfg: Stage2Config, data_dir: str | Path, work_dir: str | Path, fold: int
         resume: bool = False) -> dict[str, Any]:
     """Train one fold; returns the metrics written to ``work/stage2/<run>/fold<k>/metrics.json``."""
     data_dir, work_dir = Path(data_dir), Path(work_dir)
+    typed = for_model_type(cfg)
+    if typed is not cfg:
+        changed = {k: v for k, v in to_dict(typed.train).items() if to_dict(cfg.train)[k] != v}
+        log.info("type 2: training settings from the config's type2 block: %s", changed or "none differ")
+        cfg = typed
     run_dir = work_dir / "stage2" / cfg.run
     out_dir = run_dir / f"fold{fold}"
     if cfg.tta == "flips" and cfg.augment.flip_p <= 0:

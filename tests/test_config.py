@@ -9,7 +9,7 @@ from common.config import ConfigError, load_config, replace, save_config, to_dic
 from configs import config_path, path_root
 from make_submission import SubmissionConfig
 from stage1_seg.config import Stage1Config
-from stage2_cls.config import Stage2Config
+from stage2_cls.config import Stage2Config, for_model_type
 
 SCHEMAS = {"stage1.yaml": Stage1Config, "stage2.yaml": Stage2Config, "submission.yaml": SubmissionConfig}
 
@@ -105,3 +105,20 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setattr("common.cli.KAGGLE_DATA_DIR", tmp_path / "absent")
     with pytest.raises(DataDirError, match="--data-dir"):
         resolve_data_dir(None)
+
+
+def test_type2_runs_take_the_type2_schedule_and_type1_runs_do_not():
+    real = load_config(Stage2Config, config_path("stage2.yaml"))
+    assert for_model_type(real) is real                                  # type 1: train as written
+    whole = for_model_type(replace(real, **{"model.type": 2}))
+    assert whole.train.steps == real.type2.steps > 0 and whole.train.eval_every == real.type2.eval_every > 0
+    assert whole.train.steps < real.train.steps                          # a step is 7 vertebra stacks
+    assert (whole.train.batch_size, whole.train.lr, whole.train.select) == \
+        (real.train.batch_size, real.train.lr, real.train.select)          # 0 in type2: train's value
+    # An epoch of the real data is ~1,412 type-1 batches of 8 and ~201 type-2 batches: both
+    # schedules give many passes, and the best of the fold's validation checks is kept.
+    assert real.train.steps / 1412 > 50 and whole.train.steps / 201 > 40 and real.train.select == "best"
+    demo = load_config(Stage2Config, config_path("demo/stage2.yaml"), ["model.type=2", "train.steps=7"])
+    demo2 = for_model_type(demo)
+    assert (demo2.train.steps, demo2.train.batch_size, demo2.train.val_batch_size) == (7, 2, 4)
+    assert demo2.train.eval_every == demo.train.eval_every and demo.train.select == "last"

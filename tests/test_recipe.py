@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from common.metric import validate_submission
+from stage2_cls.config import for_model_type
 from tooling import demo, recipe_check
 from tooling.recipe import DatasetSpec, Recipe, fit_figures, kind_figures, overall_figures, run_recipe
 
@@ -23,7 +24,9 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     recipe = Recipe.demo(TINY1, TINY2, type2=True, oracle=True, fit=True)
     assert [c.run for c in recipe.stage2_runs] == ["demo", "demo-type2"]
     assert recipe.stage2_oracle.crop.stage1_run == "oracle" and recipe.stage2_oracle.model.type == 1
-    assert recipe.stage2_type2.model.type == 2 and recipe.stage2_type2.train.batch_size == 2
+    type2 = for_model_type(recipe.stage2_type2)  # what stage2_cls.train runs it with
+    assert type2.model.type == 2 and type2.train.batch_size == 2 and type2.train.val_batch_size == 4
+    assert type2.train.steps == recipe.stage2.train.steps == 2  # the demo's type 2 keeps type 1's schedule
     result = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])
     work = tmp_path / "tiny" / "work"
     for run in ("demo", "demo-type2"):

@@ -226,9 +226,11 @@ def test_study_loss_is_the_competition_metric():
 
 def test_run_type2_writes_a_learned_overall(tmp_path):
     data_dir, work_dir, labels = make_crop_data(tmp_path)
-    metrics = run(tiny_config(**{"model.type": 2, "train.batch_size": 2, "run": "demo-type2"}), data_dir, work_dir,
-                  fold=0)
+    metrics = run(tiny_config(**{"model.type": 2, "train.batch_size": 2, "run": "demo-type2",
+                                 "type2.steps": 4, "type2.eval_every": 2}), data_dir, work_dir, fold=0)
     assert 0 < metrics["score"] < 2
+    log = pd.read_csv(work_dir / "stage2" / "demo-type2" / "fold0" / "log.csv")
+    assert log["step"].tolist() == [2, 4]                 # type2's schedule, not train's 5 steps
     oof = pd.read_csv(work_dir / "stage2" / "demo-type2" / "oof_fold0.csv", dtype={STUDY_COL: str})
     p = oof[list(TARGETS)].to_numpy()
     noisy_or = 1 - np.prod(1 - p[:, :7], axis=1)

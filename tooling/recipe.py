@@ -84,10 +84,9 @@ class Recipe:
     def demo(cls, overrides1: Sequence[str] = (), overrides2: Sequence[str] = (),
              type2: bool = False, oracle: bool = False, fit: bool = False) -> "Recipe":
         stage2 = load_config(Stage2Config, config_path("demo/stage2.yaml"), overrides2)
-        # Type 2 takes whole studies: batch 2 is 14 vertebrae a step, near type 1's 8 in cost.
+        # Type 2 takes whole studies; its batch sizes are the demo config's type2 block.
         stage2_type2 = load_config(Stage2Config, config_path("demo/stage2.yaml"),
-                                   ["model.type=2", f"run={stage2.run}-type2", "train.batch_size=2",
-                                    "train.val_batch_size=4", *overrides2]) if type2 else None
+                                   ["model.type=2", f"run={stage2.run}-type2", *overrides2]) if type2 else None
         return cls(load_config(Stage1Config, config_path("demo/stage1.yaml"), ["predict.folds=[0]", *overrides1]),
                    stage2, load_config(make_submission.SubmissionConfig, config_path("demo/submission.yaml")),
                    stage2_type2, oracle, fit)
