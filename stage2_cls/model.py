@@ -53,6 +53,9 @@ class SliceSequenceClassifier(nn.Module):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module) -> None:
         super().__init__()
         self.pooling = cfg.pooling
+        if cfg.focus < 0:
+            raise ValueError(f"model.focus must be >= 0 pixels, got {cfg.focus}")
+        self.focus = cfg.focus
         self.backbone = backbone
         features = self.backbone.num_features
         self.lstm = nn.LSTM(features, cfg.lstm_hidden, num_layers=cfg.lstm_layers,
@@ -73,8 +76,9 @@ class SliceSequenceClassifier(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"expected input (B, S, C, H, W), got shape {tuple(x.shape)}")
         b, s = x.shape[:2]
+        images = focus_on_mask(x.flatten(0, 1), self.focus)
         # channels-last: 1.2-1.6x the training speed of small CNNs on CPU
-        feats = self.backbone(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))  # (B*S, F)
+        feats = self.backbone(images.contiguous(memory_format=torch.channels_last))  # (B*S, F)
         seq, _ = self.lstm(feats.view(b, s, -1))              # (B, S, 2*hidden)
         seq = self.dropout(seq)
         out = {"slice_logits": self.head(seq).squeeze(-1)}    # (B, S)
@@ -118,7 +122,7 @@ class PatientClassifier(nn.Module):
 
     def slice_features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, F); in checkpointed chunks when training with ``checkpoint_chunk``."""
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = focus_on_mask(images, self.vertebra.focus).contiguous(memory_format=torch.channels_last)
         backbone = self.vertebra.backbone
         if not (self.training and self.checkpoint_chunk > 0):
             return backbone(images)
@@ -140,6 +144,21 @@ class PatientClassifier(nn.Module):
         if self.overall_head == "noisy_or":
             overall = overall.float() + noisy_or_logit(vertebra_logit({"slice_logits": slice_logits}), missing)
         return {"slice_logits": slice_logits, "overall_logit": overall}
+
+
+FOCUS_FULL = 0.25  # a grown mask probability from which the CT is kept whole
+
+
+def focus_on_mask(images: torch.Tensor, grow: int) -> torch.Tensor:
+    """CT channels of ``images`` (N, C, H, W) kept where the vertebra's mask (channel C-1), grown
+    by ``grow`` pixels (a max filter), is likely: multiplied by ``min(1, grown / FOCUS_FULL)``.
+    The mask channel itself is unchanged; ``grow`` 0 returns ``images`` as they are."""
+    if grow <= 0:
+        return images
+    mask = images[:, -1:]
+    grown = F.max_pool2d(mask, kernel_size=2 * grow + 1, stride=1, padding=grow)
+    weight = (grown / FOCUS_FULL).clamp(max=1.0)
+    return torch.cat([images[:, :-1] * weight, mask], dim=1)
 
 
 def noisy_or_logit(logits: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ from timm.models import adapt_input_conv
 
 from common.config import load_config
 from common.pretrained import PretrainedError, PretrainedFileNotFound
-from stage2_cls.model import build_model, noisy_or_logit, predict_logits, vertebra_logit, vertebra_probability
+from stage2_cls.model import (build_model, focus_on_mask, noisy_or_logit, predict_logits, vertebra_logit,
+                              vertebra_probability)
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -112,6 +113,40 @@ def test_noisy_or_head_starts_at_the_noisy_or_of_its_vertebrae_and_trains_them()
         build_model(small_cfg(type=2, pooling="attention"))
     with pytest.raises(ValueError, match="overall_head"):
         build_model(small_cfg(type=2, overall_head="max"))
+
+
+def test_focus_keeps_the_ct_near_the_grown_mask_and_blanks_the_rest():
+    images = torch.rand(3, 6, 24, 24) * 0.5 + 0.5
+    images[:, 5] = 0.0
+    images[:, 5, 10:14, 10:14] = 0.8                    # the vertebra's mask
+    out = focus_on_mask(images, 3)
+    assert torch.equal(out[:, 5], images[:, 5])          # the mask channel is untouched
+    assert torch.equal(out[:, :5, 7:17, 7:17], images[:, :5, 7:17, 7:17])   # mask grown by 3 px: whole
+    assert out[:, :5, :6].abs().max() == 0 and out[:, :5, :, 18:].abs().max() == 0  # beyond it: blank
+    assert torch.equal(focus_on_mask(images, 0), images)
+    faint = images.clone()
+    faint[:, 5] = 0.0
+    faint[:, 5, 12, 12] = 0.1                            # a faint mask: CT kept at 0.4 of its value
+    assert torch.allclose(focus_on_mask(faint, 1)[:, :5, 12, 12], 0.4 * faint[:, :5, 12, 12])
+
+
+@pytest.mark.parametrize("model_type", [1, 2])
+def test_focus_reaches_both_model_types_and_ignores_ct_far_from_the_mask(model_type):
+    torch.manual_seed(0)
+    shape = (1, 7, 3, 6, 32, 32) if model_type == 2 else (1, 3, 6, 32, 32)
+    x = torch.rand(shape)
+    x[..., 5, :, :] = 0.0
+    x[..., 5, 12:20, 12:20] = 1.0
+    changed = x.clone()
+    changed[..., :5, :4, :] = torch.rand_like(changed[..., :5, :4, :])  # CT far from the mask
+    args = (torch.zeros(1, 7, dtype=torch.bool),) if model_type == 2 else ()
+    with torch.no_grad():
+        focused = build_model(small_cfg(type=model_type, focus=2)).eval()
+        assert torch.equal(focused(x, *args)["slice_logits"], focused(changed, *args)["slice_logits"])
+        plain = build_model(small_cfg(type=model_type)).eval()
+        assert not torch.equal(plain(x, *args)["slice_logits"], plain(changed, *args)["slice_logits"])
+    with pytest.raises(ValueError, match="model.focus"):
+        build_model(small_cfg(focus=-1))
 
 
 @pytest.mark.parametrize("backbone", ["convnext_atto", "regnetx_002"])
