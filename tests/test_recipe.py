@@ -1,5 +1,6 @@
 """The recipe behind the demo and the recipe check, end to end on a tiny dataset with type 1 and type 2."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -8,7 +9,8 @@ import pytest
 from common.metric import validate_submission
 from stage2_cls.config import for_model_type
 from tooling import demo, recipe_check
-from tooling.recipe import DatasetSpec, Recipe, fit_figures, kind_figures, overall_figures, run_recipe
+from tooling.recipe import (DatasetSpec, Recipe, check_same_dataset, fit_figures, kind_figures, overall_figures,
+                            run_recipe)
 
 # Two steps learn nothing. The layer's flat start (~0.5 everywhere) still gives every phase vertebrae
 # to work on; the demo's primed start (probability 0.01) would leave every box missing.
@@ -179,7 +181,33 @@ def test_the_many_studies_dataset_is_named_not_default_and_differs_only_in_train
     assert (many.size, many.variety, many.n_slices) == (varied.size, varied.variety, varied.n_slices)
     assert many.seed not in {s.seed for s in recipe_check.DATASETS.values()}
     ran = {}
-    monkeypatch.setattr(recipe_check, "run", lambda out, names, recipe, folds: ran.setdefault("names", names) and {})
+    monkeypatch.setattr(recipe_check, "run",
+                        lambda out, names, recipe, folds, offset: ran.setdefault("names", names) and {})
     monkeypatch.setattr(recipe_check, "format_table", lambda results: "")
     recipe_check.main(["--out", str(tmp_path), "--datasets", "many-studies", "--no-fit"])
     assert ran["names"] == ["many-studies"]
+
+
+def test_a_seed_offset_makes_new_datasets_of_the_same_kinds_and_a_folder_keeps_its_own(monkeypatch, tmp_path):
+    """``--seed-offset N`` moves every dataset's seed and nothing else; resuming a folder made with
+    another seed is refused, naming the file, instead of scoring the old data under the new name."""
+    for name, spec in recipe_check.DATASETS.items():
+        moved = recipe_check.dataset_spec(name, 1000)
+        assert moved.seed == spec.seed + 1000
+        assert replace(moved, seed=spec.seed) == spec
+        assert recipe_check.dataset_spec(name) == spec
+    ran = {}
+    monkeypatch.setattr(recipe_check, "run",
+                        lambda out, names, recipe, folds, offset: ran.update(names=names, offset=offset) or {})
+    monkeypatch.setattr(recipe_check, "format_table", lambda results: "")
+    recipe_check.main(["--out", str(tmp_path), "--datasets", "slices-60", "--seed-offset", "7", "--no-fit"])
+    assert ran == {"names": ["slices-60"], "offset": 7}
+
+    spec = recipe_check.dataset_spec("varied-96")
+    data = tmp_path / "varied-96" / "data"
+    data.mkdir(parents=True)
+    info = {"seed": spec.seed, "size": spec.size, "variety": spec.variety, "studies": []}
+    (data / "synth_info.json").write_text(json.dumps(info))
+    check_same_dataset(data, spec)  # the same dataset: resumes
+    with pytest.raises(ValueError, match="synth_info.json.*seed"):
+        check_same_dataset(data, recipe_check.dataset_spec("varied-96", 1000))

@@ -97,9 +97,23 @@ class Recipe:
         return replace(self.stage2, crop=replace(self.stage2.crop, stage1_run=ORACLE_RUN))
 
 
+def check_same_dataset(data: Path, spec: DatasetSpec) -> None:
+    """Refuse to resume into a folder whose dataset was made with another seed, size or variety."""
+    info_file = data / "synth_info.json"
+    if not info_file.is_file():
+        return
+    info = json.loads(info_file.read_text())
+    made = {key: info.get(key) for key in ("seed", "size", "variety")}
+    wanted = {"seed": spec.seed, "size": spec.size, "variety": spec.variety}
+    if made != wanted:
+        raise ValueError(f"{info_file}: this folder's dataset was made with {made}, not the {wanted} of "
+                         f"'{spec.name}' asked for now; use another --out (or --seed-offset) or remove the folder")
+
+
 def run_recipe(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequence[int]) -> dict[str, Any]:
     """Make the dataset under ``root/data``, run every phase into ``root/work``; return the figures."""
     data, work = root / "data", root / "work"
+    check_same_dataset(data, spec)
     s1_dir = work / "stage1" / recipe.stage1.run
     phases: list[tuple[str, bool, Callable[[], Any]]] = [
         ("dataset", (data / "vertebra_slices.csv").is_file(),
