@@ -211,3 +211,28 @@ def test_a_seed_offset_makes_new_datasets_of_the_same_kinds_and_a_folder_keeps_i
     check_same_dataset(data, spec)  # the same dataset: resumes
     with pytest.raises(ValueError, match="synth_info.json.*seed"):
         check_same_dataset(data, recipe_check.dataset_spec("varied-96", 1000))
+
+
+def test_a_call_naming_some_datasets_keeps_the_folders_others_in_the_summary(monkeypatch, tmp_path):
+    """``--type2 --datasets A`` on a finished folder rewrites the summary with A's new figures and
+    every other dataset's figures from its own result file, in the check's order; a broken result
+    file is named, not skipped."""
+    import tooling.recipe
+
+    for name, ratio in (("wide-fov-192", 0.9), ("slices-60", 0.7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe_result.json").write_text(json.dumps({"stage2_oof_ratio": ratio}))
+    (tmp_path / "not-a-dataset").mkdir()
+    (tmp_path / "not-a-dataset" / "recipe_result.json").write_text("{}")
+    monkeypatch.setattr(tooling.recipe, "run_recipe", lambda root, spec, recipe, folds: {"stage2_oof_ratio": 0.5})
+    monkeypatch.setattr(recipe_check, "format_table",
+                        lambda results: " ".join(f"{k}={r['stage2_oof_ratio']}" for k, r in results.items()))
+    results = recipe_check.run(tmp_path, ["varied-96"], None, [0])
+    assert list(results) == ["varied-96", "wide-fov-192", "slices-60"]
+    assert [r["stage2_oof_ratio"] for r in results.values()] == [0.5, 0.9, 0.7]
+    assert json.loads((tmp_path / "recipe_check.json").read_text()) == results
+    assert (tmp_path / "recipe_check.md").read_text() == "varied-96=0.5 wide-fov-192=0.9 slices-60=0.7\n"
+
+    (tmp_path / "slices-60" / "recipe_result.json").write_text('{"stage2_oof')
+    with pytest.raises(ValueError, match="slices-60.*recipe_result.json"):
+        recipe_check.run(tmp_path, ["varied-96"], None, [0])

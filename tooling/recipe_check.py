@@ -16,7 +16,8 @@ kind of the generator (out of fold and in the submission), how well each stage f
 the studies it trained on beside held-out ones (stage-1 Dice; type 1's vertebra AUC,
 overall and per kind: under- or over-fitting; ``--no-fit`` skips it), and wall time; with ``--oracle``
 also stage 2's score on crops cut from the true labels (a perfect stage 1). The table is also
-written to ``<out>/recipe_check.md`` and ``<out>/recipe_check.json``; every
+written to ``<out>/recipe_check.md`` and ``<out>/recipe_check.json``, with every dataset
+the folder holds (those of earlier calls from their ``recipe_result.json``); every
 phase resumes, so an interrupted check continues where it stopped.
 
 ``--seed-offset N`` adds N to every dataset's seed: datasets of the same kinds and sizes whose
@@ -28,12 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from common.cli import setup_logging
 from tooling.synth import DatasetSpec
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from tooling.recipe import Recipe
@@ -143,10 +147,29 @@ def run(out: Path, names: Sequence[str], recipe: "Recipe", folds: Sequence[int],
     results = {}
     for name in names:
         results[name] = run_recipe(out / name, dataset_spec(name, seed_offset), recipe, folds)
-        (out / "recipe_check.json").write_text(json.dumps(results, indent=2, default=str))
+        (out / "recipe_check.json").write_text(json.dumps(with_earlier(out, results), indent=2, default=str))
+    results = with_earlier(out, results)
     table = format_table(results)
     (out / "recipe_check.md").write_text(table + "\n")
     return results
+
+
+def with_earlier(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``results`` and, for every other dataset of the folder that an earlier call finished, its
+    ``recipe_result.json``: a call naming some datasets (``--type2 --datasets A``) keeps the rest of
+    the folder in the summary instead of dropping them. In the check's order of datasets."""
+    merged = {}
+    for name in ALL_DATASETS:
+        if name in results:
+            merged[name] = results[name]
+        elif (path := out / name / "recipe_result.json").is_file():
+            try:
+                merged[name] = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not a readable recipe result ({error}); delete it to run "
+                                 f"that dataset again") from error
+            log.info("%s: figures of an earlier call, from %s", name, path)
+    return merged
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
