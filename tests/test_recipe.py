@@ -11,6 +11,7 @@ from stage2_cls.config import for_model_type
 from tooling import demo, recipe_check
 from tooling.recipe import (DatasetSpec, Recipe, check_same_dataset, fit_figures, kind_figures, overall_figures,
                             run_recipe)
+from tooling.synth import plan_dataset
 
 # Two steps learn nothing. The layer's flat start (~0.5 everywhere) still gives every phase vertebrae
 # to work on; the demo's primed start (probability 0.01) would leave every box missing.
@@ -84,6 +85,32 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     assert not any(k.startswith(("stage 1 training", "stage 2 training", "oracle stage 1", "oracle stage 2 training"))
                    for k in again["seconds"])
     assert again["stage2_oof_score"] == pytest.approx(result["stage2_oof_score"])
+
+
+def test_stage1_only_stops_after_the_boxes_and_gives_stage_1s_figures_with_its_curve(tmp_path):
+    """``--stage1-only``: the dataset, stage-1 training and prediction run, nothing of stage 2; the
+    figures are stage 1's, with the validation Dice at every evaluation, and the table prints them
+    without any stage-2 row."""
+    spec = DatasetSpec("tiny", n_train=8, n_seg=6, n_test=2, size=48, seed=6)
+    recipe = Recipe.demo([*TINY1, "train.eval_every=1"], TINY2, stage1_only=True)
+    result = run_recipe(tmp_path / "tiny", spec, recipe, stage2_folds=[0, 1])
+    work = tmp_path / "tiny" / "work"
+    assert (work / "stage1" / "demo" / "boxes.csv").is_file()
+    assert not (work / "stage2").exists() and not (tmp_path / "tiny" / "submission.csv").exists()
+    assert list(result["seconds"]) == ["dataset", "stage 1 training", "stage 1 prediction", "total"]
+    assert list(result["stage1_curve"]) == [1, 2]
+    assert result["stage1_curve"][2] == pytest.approx(result["stage1_dice"])  # the last evaluation is kept
+    assert 0.0 <= result["box_ziou_ge_0_7"] <= 1.0 and 0.0 <= result["stage1_dice_study"] <= 1.0
+    assert not any(key.startswith(("stage2", "submission", "overall")) for key in result)
+    table = recipe_check.format_table({"tiny": result})
+    assert "at each evaluation (step: Dice) | 1: " in table and "z-IoU >= 0.7" in table
+    assert "stage-2" not in table and "submission" not in table and "wall time" in table
+    # Beside a full run's figures: the stage-2 rows stay, with "-" for the stage-1-only dataset.
+    full = {**result, "stage2_oof_score": 0.5, "stage2_oof_constant": 0.6, "stage2_oof_ratio": 0.5 / 0.6}
+    del full["stage1_curve"]
+    both = recipe_check.format_table({"tiny": result, "full": full})
+    assert "| stage-2 OOF score / best constant | - | **0.500 / 0.600 = 0.83x** (miss) | <= 0.7 |" in both
+    assert "at each evaluation" not in both  # only where every dataset has it
 
 
 def test_overall_figures_compare_the_best_learned_with_both_noisy_ors():
@@ -206,11 +233,32 @@ def test_a_seed_offset_makes_new_datasets_of_the_same_kinds_and_a_folder_keeps_i
     spec = recipe_check.dataset_spec("varied-96")
     data = tmp_path / "varied-96" / "data"
     data.mkdir(parents=True)
-    info = {"seed": spec.seed, "size": spec.size, "variety": spec.variety, "studies": []}
-    (data / "synth_info.json").write_text(json.dumps(info))
+    def write_info(spec, n_slices=None):
+        plan = plan_dataset(spec.n_train, spec.n_seg, spec.n_test, spec.size, spec.seed, spec.n_slices,
+                            spec.variety)
+        studies = [{"uid": s.uid, "split": s.split, "segmented": s.segmented, "n_slices": n_slices or s.n_slices or 90}
+                   for s in plan]
+        info = {"seed": spec.seed, "size": spec.size, "variety": spec.variety, "studies": studies}
+        (data / "synth_info.json").write_text(json.dumps(info))
+
+    write_info(spec)
     check_same_dataset(data, spec)  # the same dataset: resumes
     with pytest.raises(ValueError, match="synth_info.json.*seed"):
         check_same_dataset(data, recipe_check.dataset_spec("varied-96", 1000))
+    # the same seed, size and variety with other study counts (an older --datasets definition)
+    fewer = replace(spec, n_train=24, n_seg=12)
+    write_info(fewer)
+    with pytest.raises(ValueError, match=r"synth_info.json: .*holds 24 training \(12 segmented\) and 24 test "
+                                         r"studies, not the 48 training \(24 segmented\)"):
+        check_same_dataset(data, spec)
+    check_same_dataset(data, fewer)
+    # and with studies of another length
+    sixty = recipe_check.dataset_spec("slices-60")
+    write_info(sixty, n_slices=72)
+    with pytest.raises(ValueError, match=r"synth_info.json: .*\[72\] slices, not the 60"):
+        check_same_dataset(data, sixty)
+    write_info(sixty)
+    check_same_dataset(data, sixty)
 
 
 def test_a_call_naming_some_datasets_keeps_the_folders_others_in_the_summary(monkeypatch, tmp_path):

@@ -25,7 +25,10 @@ Figures (:func:`evaluate`), all on data the models were not tuned on:
   beside the same models' AUC on their validation studies, overall and per fracture kind:
   low on both is under-fitting, high on the first only over-fitting;
 - with ``oracle``: stage 2's out-of-fold score against the best constant once more, on
-  crops cut from the true labels (:mod:`tooling.oracle`), i.e. with a perfect stage 1.
+  crops cut from the true labels (:mod:`tooling.oracle`), i.e. with a perfect stage 1;
+- with ``stage1_only``: only the dataset and stage 1 run (training, prediction, boxes) and only
+  stage 1's figures are given, with its validation Dice at every evaluation of the schedule
+  (``stage1_curve``): a stage-1 setting is judged in a quarter of the time.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ from stage2_cls import report as stage2_report
 from stage2_cls import train as stage2_train
 from stage2_cls.config import Stage2Config
 from tooling.oracle import ORACLE_RUN, write_oracle_stage1
-from tooling.synth import DatasetSpec, make_dataset  # noqa: F401  (DatasetSpec: re-exported)
+from tooling.synth import DatasetSpec, make_dataset, plan_dataset  # noqa: F401  (DatasetSpec: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class Recipe:
     oracle: bool = False
     # also score type 1 on the studies each fold model trained on (:func:`fit_figures`)
     fit: bool = False
+    # stop after stage-1 prediction: stage 1's figures only (stage-2 settings and folds are ignored)
+    stage1_only: bool = False
 
     @property
     def stage2_runs(self) -> list[Stage2Config]:
@@ -82,14 +87,15 @@ class Recipe:
 
     @classmethod
     def demo(cls, overrides1: Sequence[str] = (), overrides2: Sequence[str] = (),
-             type2: bool = False, oracle: bool = False, fit: bool = False) -> "Recipe":
+             type2: bool = False, oracle: bool = False, fit: bool = False,
+             stage1_only: bool = False) -> "Recipe":
         stage2 = load_config(Stage2Config, config_path("demo/stage2.yaml"), overrides2)
         # Type 2 takes whole studies; its batch sizes are the demo config's type2 block.
         stage2_type2 = load_config(Stage2Config, config_path("demo/stage2.yaml"),
                                    ["model.type=2", f"run={stage2.run}-type2", *overrides2]) if type2 else None
         return cls(load_config(Stage1Config, config_path("demo/stage1.yaml"), ["predict.folds=[0]", *overrides1]),
                    stage2, load_config(make_submission.SubmissionConfig, config_path("demo/submission.yaml")),
-                   stage2_type2, oracle, fit)
+                   stage2_type2, oracle, fit, stage1_only)
 
     @property
     def stage2_oracle(self) -> Stage2Config:
@@ -98,16 +104,34 @@ class Recipe:
 
 
 def check_same_dataset(data: Path, spec: DatasetSpec) -> None:
-    """Refuse to resume into a folder whose dataset was made with another seed, size or variety."""
+    """Refuse to resume into a folder whose dataset was made otherwise than ``spec`` asks: another
+    seed, size or variety, or other studies (counts of training, segmented and test studies, slices
+    per study), compared study by study with the plan ``spec`` makes."""
     info_file = data / "synth_info.json"
     if not info_file.is_file():
         return
     info = json.loads(info_file.read_text())
     made = {key: info.get(key) for key in ("seed", "size", "variety")}
     wanted = {"seed": spec.seed, "size": spec.size, "variety": spec.variety}
+    advice = "use another --out (or --seed-offset) or remove the folder"
     if made != wanted:
         raise ValueError(f"{info_file}: this folder's dataset was made with {made}, not the {wanted} of "
-                         f"'{spec.name}' asked for now; use another --out (or --seed-offset) or remove the folder")
+                         f"'{spec.name}' asked for now; {advice}")
+    plan = plan_dataset(spec.n_train, spec.n_seg, spec.n_test, spec.size, spec.seed, spec.n_slices, spec.variety)
+    planned = [(s.uid, s.split, s.segmented) for s in plan]
+    records = info.get("studies") or []
+    found = [(r.get("uid"), r.get("split"), r.get("segmented")) for r in records]
+    if found != planned:
+        def counts(rows: list[tuple[Any, Any, Any]]) -> str:
+            return (f"{sum(r[1] == 'train' for r in rows)} training ({sum(bool(r[2]) for r in rows)} segmented) "
+                    f"and {sum(r[1] == 'test' for r in rows)} test studies")
+        raise ValueError(f"{info_file}: this folder's dataset holds {counts(found)}, not the {counts(planned)} "
+                         f"of '{spec.name}' asked for now (or other studies); {advice}")
+    if spec.n_slices is not None:
+        other = sorted({r.get("n_slices") for r in records} - {spec.n_slices}, key=str)
+        if other:
+            raise ValueError(f"{info_file}: this folder's studies have {other} slices, not the {spec.n_slices} of "
+                             f"'{spec.name}' asked for now; {advice}")
 
 
 def run_recipe(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequence[int]) -> dict[str, Any]:
@@ -130,7 +154,9 @@ def run_recipe(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: Sequ
          lambda: stage2_report.run(recipe.stage2, data, work, runs=[c.run for c in recipe.stage2_runs])),
         ("submission", False, lambda: make_submission.run(recipe.submission, data, work, root / "submission.csv")),
     ]
-    if recipe.oracle:
+    if recipe.stage1_only:
+        phases = phases[:3]
+    elif recipe.oracle:
         phases += oracle_phases(root, spec, recipe, stage2_folds)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -175,6 +201,8 @@ def oracle_phases(root: Path, spec: DatasetSpec, recipe: Recipe, stage2_folds: S
 def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
     """The recipe's figures from what the phases wrote (see the module docstring)."""
     data, work = root / "data", root / "work"
+    if recipe.stage1_only:
+        return stage1_figures(data, work, recipe)
     s1 = json.loads((work / "stage1" / recipe.stage1.run / "fold0" / "metrics.json").read_text())
     report = json.loads((work / "stage2" / "report" / "cv_report.json").read_text())
     return {"stage1_dice": s1["mean_dice"], "stage1_dice_per_vertebra": {f"C{c}": s1[f"dice_C{c}"] for c in range(1, 8)},
@@ -192,6 +220,19 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             **(oracle_figures(root / "oracle") if recipe.oracle else {}),
             **(stage1_fit_figures(data, work, recipe.stage1) if recipe.fit else {}),
             **(fit_figures(data, work, recipe.stage2) if recipe.fit else {})}
+
+
+def stage1_figures(data: Path, work: Path, recipe: Recipe) -> dict[str, Any]:
+    """Stage 1's figures alone: validation Dice (final and at every evaluation), Dice at the
+    studies' own resolution, boxes, and with ``fit`` the Dice on its training studies."""
+    run_dir = work / "stage1" / recipe.stage1.run
+    s1 = json.loads((run_dir / "fold0" / "metrics.json").read_text())
+    curve = pd.read_csv(run_dir / "fold0" / "log.csv")
+    return {"stage1_dice": s1["mean_dice"], "stage1_dice_per_vertebra": {f"C{c}": s1[f"dice_C{c}"] for c in range(1, 8)},
+            "stage1_curve": {int(step): float(dice) for step, dice in zip(curve["step"], curve["mean_dice"])},
+            **study_dice_figures(work, recipe.stage1.run),
+            **box_figures(data, run_dir / "boxes.csv"),
+            **(stage1_fit_figures(data, work, recipe.stage1) if recipe.fit else {})}
 
 
 def oracle_figures(owork: Path) -> dict[str, float]:
