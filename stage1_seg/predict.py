@@ -167,7 +167,9 @@ def box_offsets(cfg: Stage1Config, run_dir: Path, studies: list) -> tuple[np.nda
         write_box_offsets(path, offsets, len(errors))
         log.info("box offsets fitted on %d studies with masks (cube voxels, start / end): %s", len(errors),
                  ", ".join(f"{v} {a:+.2f} / {b:+.2f}" for v, (a, b) in zip(VERTEBRAE, offsets)))
-        return offsets, len(errors)
+        # What the file holds (rounded), not the fit itself: make_submission and a later prediction
+        # apply the file, and a range on a rounding boundary would otherwise move by a slice.
+        return read_box_offsets(path), len(errors)
     if path.is_file():
         log.info("box offsets from %s (%d studies with masks here, %d needed to refit)", path, len(errors),
                  p.box_offsets_min_studies)

@@ -344,3 +344,22 @@ def test_box_offsets_file_round_trip_and_bad_files(tmp_path):
     (tmp_path / "cut.json").write_text('{"z0": [1, 2')
     with pytest.raises(ValueError, match="cut.json: not a box-offsets file"):
         read_box_offsets(tmp_path / "cut.json")
+
+
+def test_fitted_box_offsets_are_applied_as_the_file_holds_them(tmp_path):
+    """Prediction applies the offsets exactly as box_offsets.json stores them (rounded), the file
+    make_submission applies: a fit of 1/3 voxel must not be used at full precision here and
+    rounded there, or a range on a rounding boundary differs by a slice between the two."""
+    import pandas as pd
+
+    from stage1_seg.boxes import OFFSETS_FILE, read_box_offsets
+    from stage1_seg.predict import box_offsets
+
+    truth = np.array([[10 + 20 * c, 19 + 20 * c] for c in range(7)])
+    frame = pd.DataFrame({"z0": truth[:, 0] + 1, "z1": truth[:, 1] + 2})  # 1 and 2 slices late
+    studies = [(frame, 3.0, 160, truth)] * 5                              # 3 slices a cube voxel
+    offsets, fitted_on = box_offsets(Stage1Config(), tmp_path, studies)
+    assert fitted_on == 5
+    stored = read_box_offsets(tmp_path / OFFSETS_FILE)
+    assert np.array_equal(offsets, stored)
+    assert np.allclose(stored, [[0.333, 0.667]] * 7)
