@@ -111,6 +111,10 @@ def test_stage1_only_stops_after_the_boxes_and_gives_stage_1s_figures_with_its_c
     both = recipe_check.format_table({"tiny": result, "full": full})
     assert "| stage-2 OOF score / best constant | - | **0.500 / 0.600 = 0.83x** (miss) | <= 0.7 |" in both
     assert "at each evaluation" not in both  # only where every dataset has it
+    for other in ("--type2", "--oracle"):  # both need stage 2
+        with pytest.raises(SystemExit):
+            recipe_check.main(["--out", str(tmp_path / "x"), "--stage1-only", other])
+    assert not (tmp_path / "x").exists()
 
 
 def test_overall_figures_compare_the_best_learned_with_both_noisy_ors():

@@ -28,7 +28,7 @@ Figures (:func:`evaluate`), all on data the models were not tuned on:
   crops cut from the true labels (:mod:`tooling.oracle`), i.e. with a perfect stage 1;
 - with ``stage1_only``: only the dataset and stage 1 run (training, prediction, boxes) and only
   stage 1's figures are given, with its validation Dice at every evaluation of the schedule
-  (``stage1_curve``): a stage-1 setting is judged in a quarter of the time.
+  (``stage1_curve``): a stage-1 setting is judged in about a third of the time.
 """
 from __future__ import annotations
 

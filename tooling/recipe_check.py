@@ -20,7 +20,7 @@ written to ``<out>/recipe_check.md`` and ``<out>/recipe_check.json``, with every
 the folder holds (those of earlier calls from their ``recipe_result.json``); every
 phase resumes, so an interrupted check continues where it stopped. ``--stage1-only`` stops after
 stage-1 prediction and gives stage 1's figures alone, with its validation Dice at every evaluation of
-the schedule: a stage-1 setting judged in a quarter of the time.
+the schedule: a stage-1 setting judged in about a third of the time.
 
 ``--seed-offset N`` adds N to every dataset's seed: datasets of the same kinds and sizes whose
 studies (anatomy, posture, fractures, scanner settings) are all new. Every setting chosen by
@@ -204,11 +204,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
                         help="skip scoring the models on the studies they trained on (the under- or over-fitting rows)")
     parser.add_argument("--stage1-only", action="store_true",
                         help="run and judge stage 1 alone (dataset, training, prediction, boxes): its "
-                             "figures, with the validation Dice at every evaluation, in a quarter of the time")
+                             "figures, with the validation Dice at every evaluation, in about a third of the time")
     parser.add_argument("--seed-offset", type=int, default=0, metavar="N",
                         help="add N to every dataset's seed: new datasets of the same kinds (0: the check's own)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.stage1_only and (args.type2 or args.oracle):
+        parser.error("--stage1-only runs no stage 2: it cannot be combined with --type2 or --oracle")
     setup_logging(args.verbose)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
