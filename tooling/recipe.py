@@ -26,9 +26,9 @@ Figures (:func:`evaluate`), all on data the models were not tuned on:
   low on both is under-fitting, high on the first only over-fitting;
 - with ``oracle``: stage 2's out-of-fold score against the best constant once more, on
   crops cut from the true labels (:mod:`tooling.oracle`), i.e. with a perfect stage 1;
+- stage 1's validation Dice at every evaluation of its schedule (``stage1_curve``);
 - with ``stage1_only``: only the dataset and stage 1 run (training, prediction, boxes) and only
-  stage 1's figures are given, with its validation Dice at every evaluation of the schedule
-  (``stage1_curve``): a stage-1 setting is judged in about a third of the time.
+  stage 1's figures are given: a stage-1 setting is judged in about a third of the time.
 """
 from __future__ import annotations
 
@@ -203,11 +203,8 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
     data, work = root / "data", root / "work"
     if recipe.stage1_only:
         return stage1_figures(data, work, recipe)
-    s1 = json.loads((work / "stage1" / recipe.stage1.run / "fold0" / "metrics.json").read_text())
     report = json.loads((work / "stage2" / "report" / "cv_report.json").read_text())
-    return {"stage1_dice": s1["mean_dice"], "stage1_dice_per_vertebra": {f"C{c}": s1[f"dice_C{c}"] for c in range(1, 8)},
-            **study_dice_figures(work, recipe.stage1.run),
-            **box_figures(data, work / "stage1" / recipe.stage1.run / "boxes.csv"),
+    return {**stage1_figures(data, work, recipe),
             "stage2_oof_score": report["score"], "stage2_oof_constant": report["constant_score"],
             "stage2_oof_ratio": report["score"] / report["constant_score"], "stage2_folds": report["folds"],
             "stage2_auc": {r["label"]: r[f"{report['chosen']} auc"] for r in report["per_label"]},
@@ -218,13 +215,13 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             **kind_figures(data, {"stage2_kind_auc": chosen_oof(work, recipe, report["chosen"]),
                                   "submission_kind_auc": submission_vertebrae(root / "submission.csv")}),
             **(oracle_figures(root / "oracle") if recipe.oracle else {}),
-            **(stage1_fit_figures(data, work, recipe.stage1) if recipe.fit else {}),
             **(fit_figures(data, work, recipe.stage2) if recipe.fit else {})}
 
 
 def stage1_figures(data: Path, work: Path, recipe: Recipe) -> dict[str, Any]:
-    """Stage 1's figures alone: validation Dice (final and at every evaluation), Dice at the
-    studies' own resolution, boxes, and with ``fit`` the Dice on its training studies."""
+    """Stage 1's figures, alone with ``stage1_only`` and the first of a full run's: validation Dice
+    (final and at every evaluation), Dice at the studies' own resolution, boxes, and with ``fit``
+    the Dice on its training studies."""
     run_dir = work / "stage1" / recipe.stage1.run
     s1 = json.loads((run_dir / "fold0" / "metrics.json").read_text())
     curve = pd.read_csv(run_dir / "fold0" / "log.csv")
