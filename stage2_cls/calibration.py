@@ -65,6 +65,22 @@ def apply_calibration(probs: np.ndarray, calib: Mapping[str, Any] | None) -> np.
     return np.clip(1.0 / (1.0 + np.exp(-z)), *PRED_CLIP)
 
 
+def invert_calibration(probs: np.ndarray, calib: Mapping[str, Any] | None) -> np.ndarray:
+    """The probabilities ``calib`` was applied to, from the calibrated (N, 8) ``probs``: exact
+    up to the clip to PRED_CLIP (a probability clipped there comes back at the clip's inverse).
+    Lets an evaluation score a submission with and without its calibration."""
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(TARGETS):
+        raise ValueError(f"probabilities must have shape (N, {len(TARGETS)}), got {probs.shape}")
+    if calib is None or not calib.get("use", True):
+        return np.clip(probs, *PRED_CLIP)
+    z = _logit(probs)
+    for group, cols in GROUPS:
+        t, b = float(calib[group]["temperature"]), float(calib[group]["bias"])
+        z[:, cols] = (z[:, cols] - b) * t
+    return np.clip(1.0 / (1.0 + np.exp(-z)), *PRED_CLIP)
+
+
 def _params_to_calib(x: np.ndarray) -> dict[str, dict[str, float]]:
     return {"vertebra": {"temperature": float(np.exp(x[0])), "bias": float(x[1])},
             "overall": {"temperature": float(np.exp(x[2])), "bias": float(x[3])}}

@@ -6,11 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.metric import validate_submission
+from common.constants import STUDY_COL, TARGETS
+from common.metric import competition_score, expected_row_ids, validate_submission
+from stage2_cls.calibration import apply_calibration
 from stage2_cls.config import for_model_type
 from tooling import demo, recipe_check
 from tooling.recipe import (DatasetSpec, Recipe, check_same_dataset, fit_figures, kind_figures, overall_figures,
-                            run_recipe)
+                            run_recipe, submission_figures)
 from tooling.synth import plan_dataset
 
 # Two steps learn nothing. The layer's flat start (~0.5 everywhere) still gives every phase vertebrae
@@ -157,6 +159,37 @@ def test_kind_figures_rank_each_fracture_kind_against_every_intact_vertebra(tmp_
     assert kind_figures(tmp_path / "elsewhere", {"oof": p}) == {}
     table = recipe_check.format_kinds(figures)
     assert table == "line 1.00 (1); posterior 0.00 (1); ring 0.94 (1)"
+
+
+def test_submission_figures_score_the_submission_with_and_without_its_calibration(tmp_path):
+    """A used calibration is undone on the submitted probabilities to give the raw submission's
+    score beside the calibrated one; an unused one adds nothing."""
+    rng = np.random.default_rng(0)
+    uids = [f"7.7.{i}" for i in range(8)]
+    y = (rng.random((8, 8)) < 0.3).astype(int)
+    y[:, 7] = y[:, :7].max(1)
+    for name, rows in (("test_labels.csv", uids), ("train.csv", [f"6.6.{i}" for i in range(8)])):
+        frame = pd.DataFrame(y, columns=list(TARGETS))
+        frame.insert(0, STUDY_COL, rows)
+        frame.to_csv(tmp_path / name, index=False)
+    raw = rng.uniform(0.05, 0.95, (8, 8))
+    calib = {"use": True, "vertebra": {"temperature": 2.0, "bias": 0.5}, "overall": {"temperature": 0.5, "bias": -1.0}}
+    submitted = apply_calibration(raw, calib)
+    sub = pd.DataFrame({"row_id": expected_row_ids(uids), "fractured": submitted.reshape(-1)})
+    sub.to_csv(tmp_path / "submission.csv", index=False)
+    figures = submission_figures(tmp_path, tmp_path / "submission.csv", calib)
+    assert figures["submission_score"] == pytest.approx(competition_score(y, submitted), rel=1e-9)
+    assert figures["submission_uncalibrated_score"] == pytest.approx(competition_score(y, raw), rel=1e-9)
+    assert abs(figures["submission_uncalibrated_score"] - figures["submission_score"]) > 0.01
+    assert figures["submission_uncalibrated_ratio"] == pytest.approx(
+        figures["submission_uncalibrated_score"] / figures["submission_constant"])
+    for unused in (None, {**calib, "use": False}):
+        assert "submission_uncalibrated_score" not in submission_figures(tmp_path, tmp_path / "submission.csv", unused)
+    table = recipe_check.format_table({"a": {**figures, "seconds": {"total": 60}},
+                                       "b": {**submission_figures(tmp_path, tmp_path / "submission.csv"),
+                                             "seconds": {"total": 60}}})
+    row = next(line for line in table.splitlines() if "without the calibration" in line)
+    assert f"= {figures['submission_uncalibrated_ratio']:.2f}x | - |" in row
 
 
 def test_fit_figures_score_each_fold_model_on_the_studies_it_trained_on(tmp_path, monkeypatch):

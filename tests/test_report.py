@@ -12,6 +12,7 @@ from common.constants import PRED_CLIP, STUDY_COL, TARGETS
 from common.metric import best_constant, competition_score, constant_score, pooled_score
 from configs import config_path
 from stage2_cls.calibration import IDENTITY, MIN_STUDIES, apply_calibration, choose_calibration, fit_calibration
+from stage2_cls.calibration import invert_calibration
 from stage2_cls.infer import study_probabilities
 from stage2_cls.report import ReportError, main, read_oof
 
@@ -63,6 +64,18 @@ def test_identity_calibration_changes_nothing():
     assert (np.abs(hot[:, :7] - 0.5) < np.abs(p[:, :7] - 0.5)).all() and np.allclose(hot[:, 7], p[:, 7])
     with pytest.raises(ValueError, match="shape"):
         apply_calibration(p[:, :7], IDENTITY)
+
+
+def test_inverting_a_calibration_gives_back_what_it_was_applied_to():
+    p = np.random.default_rng(7).uniform(0.01, 0.99, (6, 8))
+    calib = {"use": True, "vertebra": {"temperature": 1.7, "bias": -0.4}, "overall": {"temperature": 0.6, "bias": 0.9}}
+    calibrated = apply_calibration(p, calib)
+    assert np.abs(calibrated - p).max() > 0.05
+    assert np.allclose(invert_calibration(calibrated, calib), p, atol=1e-9)
+    for unused in (None, {**calib, "use": False}):
+        assert np.allclose(invert_calibration(p, unused), p)
+    with pytest.raises(ValueError, match="shape"):
+        invert_calibration(p[:, :7], calib)
 
 
 def test_report_scores_match_metric_and_calibration_helps(tmp_path, capsys):

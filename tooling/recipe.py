@@ -49,7 +49,8 @@ import make_submission
 from common.config import load_config
 from common.constants import STUDY_COL, TARGETS
 from common.folds import FOLDS_CSV, list_segmentation_uids, read_folds
-from common.metric import constant_score, evaluate_submission, read_labels_csv, submission_to_wide
+from common.metric import align, competition_score, constant_score, evaluate_submission, read_labels_csv
+from common.metric import submission_to_wide
 from configs import config_path
 from stage1_seg import predict as stage1_predict
 from stage1_seg import train as stage1_train
@@ -58,6 +59,7 @@ from stage1_seg.config import Stage1Config
 from stage2_cls import crop as stage2_crop
 from stage2_cls import report as stage2_report
 from stage2_cls import train as stage2_train
+from stage2_cls.calibration import invert_calibration
 from stage2_cls.config import Stage2Config
 from tooling.oracle import ORACLE_RUN, write_oracle_stage1
 from tooling.synth import DatasetSpec, make_dataset, plan_dataset  # noqa: F401  (DatasetSpec: re-exported)
@@ -211,7 +213,7 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             "stage2_candidates": report["candidates"], "stage2_chosen": report["chosen"],
             **overall_figures(report),
             "calibration": report["calibration"]["reason"],
-            **submission_figures(data, root / "submission.csv"),
+            **submission_figures(data, root / "submission.csv", report["calibration"]),
             **kind_figures(data, {"stage2_kind_auc": chosen_oof(work, recipe, report["chosen"]),
                                   "submission_kind_auc": submission_vertebrae(root / "submission.csv")}),
             **(oracle_figures(root / "oracle") if recipe.oracle else {}),
@@ -290,13 +292,21 @@ def box_figures(data: Path, boxes_csv: Path) -> dict[str, float]:
             "box_ziou_mean": float(ious.mean()) if len(ious) else float("nan")}
 
 
-def submission_figures(data: Path, submission: Path) -> dict[str, float]:
-    """The submission's score on the hidden test labels, beside the constant train prior's."""
+def submission_figures(data: Path, submission: Path, calibration: dict[str, Any] | None = None
+                       ) -> dict[str, float]:
+    """The submission's score on the hidden test labels, beside the constant train prior's; with a
+    calibration that was used, also the score of the same submission without it (undone)."""
     labels = read_labels_csv(data / "test_labels.csv")
-    evaluation = evaluate_submission(labels, pd.read_csv(submission, dtype={"row_id": str}))
+    sub = pd.read_csv(submission, dtype={"row_id": str})
+    evaluation = evaluate_submission(labels, sub)
     prior = constant_score(labels[list(TARGETS)].to_numpy(np.float64), make_submission.load_prior(data))
-    return {"submission_score": evaluation["score"], "submission_constant": prior,
-            "submission_ratio": evaluation["score"] / prior, "n_test_studies": len(labels)}
+    figures = {"submission_score": evaluation["score"], "submission_constant": prior,
+               "submission_ratio": evaluation["score"] / prior, "n_test_studies": len(labels)}
+    if calibration and calibration.get("use"):
+        y, p = align(labels, submission_to_wide(sub))
+        score = competition_score(y, invert_calibration(p, calibration))
+        figures.update(submission_uncalibrated_score=score, submission_uncalibrated_ratio=score / prior)
+    return figures
 
 
 def chosen_oof(work: Path, recipe: Recipe, chosen: str) -> pd.DataFrame:

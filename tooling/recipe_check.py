@@ -118,6 +118,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
          lambda r: format_kinds(r["stage2_train_kind_auc"]), "stage2_train_kind_auc"),
         ("submission / constant prior", lambda r: f"{r['submission_score']:.3f} / {r['submission_constant']:.3f} "
                                                   f"= {r['submission_ratio']:.2f}x", "submission_ratio"),
+        ("the same without the calibration the report chose (undone on the submitted probabilities)",
+         lambda r: f"{r['submission_uncalibrated_score']:.3f} / {r['submission_constant']:.3f} "
+                   f"= {r['submission_uncalibrated_ratio']:.2f}x", None),
         ("submission vertebra AUC by fracture kind (fractured vertebrae)",
          lambda r: format_kinds(r["submission_kind_auc"]), "submission_kind_auc"),
         ("wall time", lambda r: f"{r['seconds']['total'] / 60:.1f} min", None),
