@@ -45,12 +45,8 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def apply_calibration(probs: np.ndarray, calib: Mapping[str, Any] | None) -> np.ndarray:
-    """Calibrate (N, 8) probabilities in TARGETS order; returns (N, 8) clipped to PRED_CLIP.
-
-    ``calib`` is a calibration.json mapping; ``None`` or ``use: false`` leaves the
-    probabilities as they are (clipped).
-    """
+def _transform(probs: np.ndarray, calib: Mapping[str, Any] | None, inverse: bool) -> np.ndarray:
+    """``sigmoid(logit(p) / t + b)`` per group, or its inverse; clipped to PRED_CLIP."""
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or probs.shape[1] != len(TARGETS):
         raise ValueError(f"probabilities must have shape (N, {len(TARGETS)}), got {probs.shape}")
@@ -61,24 +57,24 @@ def apply_calibration(probs: np.ndarray, calib: Mapping[str, Any] | None) -> np.
         t, b = float(calib[group]["temperature"]), float(calib[group]["bias"])
         if not t > 0:
             raise ValueError(f"calibration {group}.temperature must be positive, got {t}")
-        z[:, cols] = z[:, cols] / t + b
+        z[:, cols] = (z[:, cols] - b) * t if inverse else z[:, cols] / t + b
     return np.clip(1.0 / (1.0 + np.exp(-z)), *PRED_CLIP)
+
+
+def apply_calibration(probs: np.ndarray, calib: Mapping[str, Any] | None) -> np.ndarray:
+    """Calibrate (N, 8) probabilities in TARGETS order; returns (N, 8) clipped to PRED_CLIP.
+
+    ``calib`` is a calibration.json mapping; ``None`` or ``use: false`` leaves the
+    probabilities as they are (clipped).
+    """
+    return _transform(probs, calib, inverse=False)
 
 
 def invert_calibration(probs: np.ndarray, calib: Mapping[str, Any] | None) -> np.ndarray:
     """The probabilities ``calib`` was applied to, from the calibrated (N, 8) ``probs``: exact
     up to the clip to PRED_CLIP (a probability clipped there comes back at the clip's inverse).
     Lets an evaluation score a submission with and without its calibration."""
-    probs = np.asarray(probs, np.float64)
-    if probs.ndim != 2 or probs.shape[1] != len(TARGETS):
-        raise ValueError(f"probabilities must have shape (N, {len(TARGETS)}), got {probs.shape}")
-    if calib is None or not calib.get("use", True):
-        return np.clip(probs, *PRED_CLIP)
-    z = _logit(probs)
-    for group, cols in GROUPS:
-        t, b = float(calib[group]["temperature"]), float(calib[group]["bias"])
-        z[:, cols] = (z[:, cols] - b) * t
-    return np.clip(1.0 / (1.0 + np.exp(-z)), *PRED_CLIP)
+    return _transform(probs, calib, inverse=True)
 
 
 def _params_to_calib(x: np.ndarray) -> dict[str, dict[str, float]]:

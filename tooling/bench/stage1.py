@@ -23,9 +23,9 @@ from common.config import load_config
 from common.device import autocast_context, choose_device
 from common.trainer import make_scaler, train_step
 from configs import config_path
+from stage1_seg.augment import mixup
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import cube_shape, preprocess_hu
-from stage1_seg.augment import mixup
 from stage1_seg.model import build_model, class_probs
 from stage1_seg.train import supervised_loss
 
