@@ -81,12 +81,16 @@ def _log_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
 
 
-def competition_score(y: np.ndarray, p: np.ndarray) -> float:
-    """Row-normalised weighted log loss, mean over studies (lower is better)."""
+def study_scores(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Each study's row-normalised weighted log loss (N,): the competition score is their mean."""
     y, p = _as_pair(y, p)
     w = label_weights(y)
-    per_study = (w * _log_losses(y, p)).sum(axis=1) / w.sum(axis=1)
-    return float(per_study.mean())
+    return (w * _log_losses(y, p)).sum(axis=1) / w.sum(axis=1)
+
+
+def competition_score(y: np.ndarray, p: np.ndarray) -> float:
+    """Row-normalised weighted log loss, mean over studies (lower is better)."""
+    return float(study_scores(y, p).mean())
 
 
 def pooled_score(y: np.ndarray, p: np.ndarray) -> float:

@@ -16,7 +16,14 @@ only keeps one when
 - the fit is regularised towards the identity (a Gaussian prior on log-temperature
   and bias worth ``PRIOR_STUDIES`` studies) and bounded (temperature 1/4..4);
 - fitted on the other folds, it improves the competition score of the held-out
-  folds taken together (cross-validated) by at least ``MIN_GAIN`` relative.
+  folds taken together (cross-validated) by at least ``MIN_GAIN`` relative;
+- and that gain is not noise: the score is a mean over studies, so the studies are
+  resampled with replacement (``N_BOOTSTRAP`` times, seeded) and the cross-validated
+  calibration must beat the raw probabilities in at least ``MIN_CONFIDENCE`` of the
+  resamples. On a 48-study synthetic dataset a 1.4% gain was better in only 84% of
+  them, and on that dataset's 24 test studies the calibration made the submission
+  worse (0.3739 against 0.3684 raw) and the single fold models worse too (on average
+  0.3935 against 0.3877): the fit did not carry over, whatever it was applied to.
 
 Otherwise ``use`` is false, the reason says why, and make_submission submits the
 raw probabilities.
@@ -29,7 +36,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from common.constants import PRED_CLIP, TARGETS
-from common.metric import competition_score
+from common.metric import competition_score, study_scores
 
 IDENTITY = {"vertebra": {"temperature": 1.0, "bias": 0.0}, "overall": {"temperature": 1.0, "bias": 0.0}}
 MIN_STUDIES = 40
@@ -37,6 +44,8 @@ PRIOR_STUDIES = 5.0
 MAX_LOG_TEMPERATURE = float(np.log(4.0))
 MAX_BIAS = 3.0
 MIN_GAIN = 0.005  # relative improvement of the cross-validated score needed to keep a calibration
+MIN_CONFIDENCE = 0.95  # share of study resamples in which the cross-validated calibration must win
+N_BOOTSTRAP = 2000
 GROUPS = (("vertebra", slice(0, 7)), ("overall", slice(7, 8)))
 
 
@@ -112,6 +121,34 @@ def cross_validated(y: np.ndarray, p: np.ndarray, folds: np.ndarray) -> np.ndarr
     return out
 
 
+def calibrated_validation_score(y: np.ndarray, p: np.ndarray) -> float:
+    """One validation's score as it would be submitted: for model selection during training.
+
+    With at least ``MIN_STUDIES`` studies, a calibration is fitted on every other study and
+    scored on the rest, and the other way round (a two-fold cross-fit in a fixed order, so
+    successive validations are compared alike); the better of that score and the raw one is
+    returned, as the report keeps a calibration only when it helps. Under ``MIN_STUDIES`` no
+    calibration would be fitted, and the raw score is returned.
+    """
+    raw = competition_score(y, p)
+    if len(y) < MIN_STUDIES:
+        return raw
+    return min(raw, competition_score(y, cross_validated(y, p, np.arange(len(y)) % 2)))
+
+
+def bootstrap_confidence(y: np.ndarray, p: np.ndarray, q: np.ndarray, n: int = N_BOOTSTRAP,
+                         seed: int = 0) -> float:
+    """Share of ``n`` resamples of the studies (with replacement) in which ``q`` scores better than ``p``.
+
+    The competition score is the mean of per-study scores, so a resample's difference
+    is the mean of the resampled studies' paired differences. Seeded: the same inputs
+    give the same share.
+    """
+    diff = study_scores(y, q) - study_scores(y, p)
+    rows = np.random.default_rng(seed).integers(0, len(diff), size=(n, len(diff)))
+    return float((diff[rows].mean(axis=1) < 0).mean())
+
+
 def choose_calibration(y: np.ndarray, p: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
     """The calibration.json content for OOF labels ``y``, probabilities ``p`` (N, 8) and their folds (N,)."""
     p = np.clip(np.asarray(p, np.float64), *PRED_CLIP)
@@ -122,14 +159,21 @@ def choose_calibration(y: np.ndarray, p: np.ndarray, folds: np.ndarray) -> dict[
         return {"use": False, **IDENTITY, "evidence": evidence,
                 "reason": f"too few out-of-fold studies to fit a calibration ({len(y)} studies from "
                           f"{n_folds} fold(s); at least {MIN_STUDIES} from 2 folds are needed): raw probabilities"}
-    cv = competition_score(y, cross_validated(y, p, folds))
+    p_cv = cross_validated(y, p, folds)
+    cv = competition_score(y, p_cv)
+    confidence = bootstrap_confidence(y, p, p_cv)
     calib = fit_calibration(y, p)
-    evidence.update(cross_validated_score=cv, fitted_score_same_data=competition_score(
-        y, apply_calibration(p, {"use": True, **calib})))
+    evidence.update(cross_validated_score=cv, bootstrap_confidence=confidence,
+                    fitted_score_same_data=competition_score(y, apply_calibration(p, {"use": True, **calib})))
     if cv > raw * (1.0 - MIN_GAIN):
         return {"use": False, **IDENTITY, "evidence": evidence,
                 "reason": f"calibration fitted on other folds scored {cv:.4f} on the held-out folds against "
                           f"{raw:.4f} raw (needs a {MIN_GAIN:.1%} gain): raw probabilities"}
+    if confidence < MIN_CONFIDENCE:
+        return {"use": False, **IDENTITY, "evidence": evidence,
+                "reason": f"calibration fitted on other folds scored {cv:.4f} on the held-out folds against "
+                          f"{raw:.4f} raw, but was better in only {confidence:.0%} of {N_BOOTSTRAP} resamples "
+                          f"of the studies (needs {MIN_CONFIDENCE:.0%}): raw probabilities"}
     return {"use": True, **calib, "evidence": evidence,
             "reason": f"cross-validated over {n_folds} folds, calibration improves the score from "
-                      f"{raw:.4f} to {cv:.4f}"}
+                      f"{raw:.4f} to {cv:.4f} (better in {confidence:.0%} of {N_BOOTSTRAP} resamples of the studies)"}

@@ -38,6 +38,7 @@ from common.metric import (best_constant, competition_score, constant_score, lab
                            read_labels_csv)
 from common.trainer import fit
 from stage2_cls.augment import StackAugmenter, mixup
+from stage2_cls.calibration import calibrated_validation_score
 from stage2_cls.config import Stage2Config, for_model_type
 from stage2_cls.dataset import (CropStore, StudyDataset, VertebraDataset, available_crops, fill_missing,
                                 prepare_images)
@@ -83,7 +84,9 @@ class ClassifierTask:
     """The stage-2 :class:`common.trainer.Task`."""
 
     stage = "stage2"
-    metric = "score"
+    # select=best keeps the validation with the best score after the calibration the report would
+    # fit (stage2_cls.calibration.calibrated_validation_score): not the raw score that calibration moves.
+    metric = "calibrated_score"
     metric_mode = "min"
 
     def __init__(self, cfg: Stage2Config, crops_dir: Path, run_dir: Path, fold: int,
@@ -145,7 +148,8 @@ class ClassifierTask:
         yv, pv = y[:, :7], p[:, :7]
         w = label_weights(y)[:, :7]
         bce = -(yv * np.log(pv) + (1 - yv) * np.log(1 - pv))
-        return {"score": competition_score(y, p), "pooled_score": pooled_score(y, p),
+        return {"score": competition_score(y, p), "calibrated_score": calibrated_validation_score(y, p),
+                "pooled_score": pooled_score(y, p),
                 "constant_score": constant_score(y, best_constant(y)),
                 "auc_vertebra": _auc(yv.ravel(), pv.ravel()), "auc_overall": _auc(y[:, 7], p[:, 7]),
                 "val_loss": float((w * bce).sum() / w.sum())}

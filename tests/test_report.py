@@ -11,7 +11,10 @@ import pytest
 from common.constants import PRED_CLIP, STUDY_COL, TARGETS
 from common.metric import best_constant, competition_score, constant_score, pooled_score
 from configs import config_path
-from stage2_cls.calibration import IDENTITY, MIN_STUDIES, apply_calibration, choose_calibration, fit_calibration
+from stage2_cls import calibration as calibration_module
+from stage2_cls.calibration import (IDENTITY, MIN_CONFIDENCE, MIN_STUDIES, apply_calibration, bootstrap_confidence,
+                                  calibrated_validation_score, choose_calibration, fit_calibration)
+from stage2_cls.train import ClassifierTask
 from stage2_cls.calibration import invert_calibration
 from stage2_cls.infer import study_probabilities
 from stage2_cls.report import ReportError, main, read_oof
@@ -138,6 +141,77 @@ def test_calibration_refused_when_it_does_not_help_held_out_folds():
     chosen = choose_calibration(y, p, np.arange(n) % 4)
     assert chosen["use"] is False and "raw probabilities" in chosen["reason"]
     assert chosen["evidence"]["cross_validated_score"] >= chosen["evidence"]["raw_score"] * 0.995
+
+
+def test_calibration_kept_when_it_clearly_helps():
+    """Over-confident predictions on 200 studies: the fix is large and holds in every resample."""
+    rng = np.random.default_rng(5)
+    n = 200
+    y = (rng.random((n, 8)) < 0.2).astype(float)
+    y[:, 7] = y[:, :7].max(1)
+    z = 1.0 * (2 * y - 1) + rng.normal(scale=1.0, size=y.shape)
+    p = 1 / (1 + np.exp(-3.0 * z))  # the right ranking, three times too extreme
+    chosen = choose_calibration(y, p, np.arange(n) % 5)
+    assert chosen["use"] is True
+    assert chosen["evidence"]["bootstrap_confidence"] >= MIN_CONFIDENCE
+    assert chosen["vertebra"]["temperature"] > 1.2  # it shrinks the log-odds back
+    assert chosen["evidence"]["cross_validated_score"] < 0.9 * chosen["evidence"]["raw_score"]
+
+
+def test_bootstrap_confidence_is_the_share_of_resamples_won_and_seeded():
+    y = np.zeros((40, 8))
+    y[::4, [0, 7]] = 1
+    p = np.full(y.shape, 0.3)
+    better = np.where(y > 0, 0.4, 0.25)  # better on every study
+    assert bootstrap_confidence(y, p, better) == 1.0
+    assert bootstrap_confidence(y, better, p) == 0.0
+    mixed = better.copy()
+    mixed[1::2] = np.where(y[1::2] > 0, 0.2, 0.35)  # worse on half of them
+    share = bootstrap_confidence(y, p, mixed)
+    assert 0.0 < share < 1.0 and share == bootstrap_confidence(y, p, mixed)
+    assert share != bootstrap_confidence(y, p, mixed, seed=1)
+
+
+def test_calibration_refused_when_its_gain_rests_on_few_studies(monkeypatch):
+    """A cross-validated gain above MIN_GAIN that comes from one study and is lost on the rest."""
+    rng = np.random.default_rng(6)
+    n = 60
+    y = (rng.random((n, 8)) < 0.2).astype(float)
+    y[:, 7] = y[:, :7].max(1)
+    y[0] = 1
+    p = np.clip(np.where(y > 0, 0.4, 0.2), *PRED_CLIP)
+    p[0] = 0.02  # one study badly wrong raw
+
+    def one_study_fixed(y_, p_, folds_):
+        out = np.clip(p_ * 0.97, *PRED_CLIP)  # a little worse on the positives of every study ...
+        out[0] = 0.9  # ... and the one bad study fixed
+        return out
+
+    monkeypatch.setattr(calibration_module, "cross_validated", one_study_fixed)
+    chosen = choose_calibration(y, p, np.arange(n) % 5)
+    evidence = chosen["evidence"]
+    assert evidence["cross_validated_score"] < evidence["raw_score"] * 0.995  # the mean gain alone would keep it
+    assert evidence["bootstrap_confidence"] < MIN_CONFIDENCE
+    assert chosen["use"] is False and "resamples" in chosen["reason"]
+
+
+def test_selection_score_prefers_the_better_ranking_that_calibration_fixes():
+    """Validation A ranks well and is shifted; B ranks poorly and is centred. Raw, B looks better;
+    as submitted (after the calibration the report fits), A is. Training selects on the latter."""
+    rng = np.random.default_rng(7)
+    n = 400
+    y = (rng.random((n, 8)) < 0.15).astype(float)
+    y[:, 7] = y[:, :7].max(1)
+    base = np.log(best_constant(y) / (1 - best_constant(y)))
+    shifted = 1 / (1 + np.exp(-(base + 1.5 * (2 * y - 1) + rng.normal(scale=1.0, size=y.shape) + 3.0)))
+    weak = 1 / (1 + np.exp(-(base + 0.3 * (2 * y - 1) + rng.normal(scale=0.3, size=y.shape))))
+    assert competition_score(y, weak) < competition_score(y, shifted)
+    assert calibrated_validation_score(y, shifted) < calibrated_validation_score(y, weak)
+    assert calibrated_validation_score(y, shifted) <= competition_score(y, shifted)
+    assert ClassifierTask.metric == "calibrated_score" and ClassifierTask.metric_mode == "min"
+    # Too few studies for a calibration: the raw score, as the report would submit raw.
+    few = slice(0, MIN_STUDIES - 1)
+    assert calibrated_validation_score(y[few], shifted[few]) == competition_score(y[few], shifted[few])
 
 
 def test_type2_and_ensemble_compared_side_by_side_and_the_best_rule_kept(tmp_path):

@@ -157,6 +157,7 @@ def test_run_one_epoch_writes_metrics_and_oof(tmp_path, caplog):
     saved = json.loads((fold_dir / "metrics.json").read_text())
     assert math.isfinite(saved["score"]) and saved["score"] == pytest.approx(metrics["score"])
     assert {"pooled_score", "constant_score", "auc_vertebra", "val_loss"} <= set(saved)
+    assert saved["calibrated_score"] == pytest.approx(saved["score"])  # too few studies to calibrate
     oof = pd.read_csv(work_dir / "stage2" / "demo" / "oof_fold0.csv", dtype={STUDY_COL: str})
     assert list(oof.columns) == [STUDY_COL, *TARGETS]
     values = oof[list(TARGETS)].to_numpy()
