@@ -57,6 +57,8 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     assert "| figure | tiny | target |" in table and "type 2's head" in table and "(chosen: " in table
     assert "type 1's noisy-OR" in table
     assert "crops from the true labels" in table
+    assert result["calibration_decision"]["use"] == ensemble["calibration"]["use"]
+    assert "| calibration: used or not;" in table
     # Stage 2's AUC per fracture kind of the generator, out of fold and in the submission.
     info = json.loads((tmp_path / "tiny" / "data" / "synth_info.json").read_text())
     oof = set(pd.concat([pd.read_csv(f, dtype=str) for f in (work / "stage2" / "demo").glob("oof_fold*.csv")])
@@ -190,6 +192,30 @@ def test_submission_figures_score_the_submission_with_and_without_its_calibratio
                                              "seconds": {"total": 60}}})
     row = next(line for line in table.splitlines() if "without the calibration" in line)
     assert f"= {figures['submission_uncalibrated_ratio']:.2f}x | - |" in row
+
+
+def test_the_table_says_whether_the_calibration_was_used_and_on_what_evidence():
+    from stage2_cls.calibration import choose_calibration
+    from tooling.recipe import calibration_decision
+
+    rng = np.random.default_rng(1)
+    n = 200
+    y = (rng.random((n, 8)) < 0.2).astype(float)
+    y[:, 7] = y[:, :7].max(1)
+    z = (2 * y - 1) + rng.normal(scale=1.0, size=y.shape)
+    used = calibration_decision(choose_calibration(y, 1 / (1 + np.exp(-3.0 * z)), np.arange(n) % 5))
+    few = calibration_decision(choose_calibration(y[:10], np.full((10, 8), 0.3), np.arange(10) % 2))
+    assert used["use"] and used["bootstrap_confidence"] >= 0.95 and not few["use"]
+    doubtful = {"use": False, "n_studies": 48, "raw_score": 0.5099, "cross_validated_score": 0.5029,
+                "bootstrap_confidence": 0.84}
+    results = {name: {"calibration_decision": d, "seconds": {"total": 60}}
+               for name, d in (("a", used), ("b", doubtful), ("c", few))}
+    row = next(line for line in recipe_check.format_table(results).splitlines() if line.startswith("| calibration"))
+    cells = [c.strip() for c in row.split("|")[2:5]]
+    assert cells[0] == (f"used: {used['raw_score']:.3f} -> {used['cross_validated_score']:.3f} "
+                        f"({used['bootstrap_confidence']:.0%})")
+    assert cells[1] == "refused: 0.510 -> 0.503 (84%)"
+    assert cells[2] == "refused: 10 OOF studies, too few to fit"
 
 
 def test_fit_figures_score_each_fold_model_on_the_studies_it_trained_on(tmp_path, monkeypatch):

@@ -213,6 +213,7 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             "stage2_candidates": report["candidates"], "stage2_chosen": report["chosen"],
             **overall_figures(report),
             "calibration": report["calibration"]["reason"],
+            "calibration_decision": calibration_decision(report["calibration"]),
             **submission_figures(data, root / "submission.csv", report["calibration"]),
             **kind_figures(data, {"stage2_kind_auc": chosen_oof(work, recipe, report["chosen"]),
                                   "submission_kind_auc": submission_vertebrae(root / "submission.csv")}),
@@ -290,6 +291,14 @@ def box_figures(data: Path, boxes_csv: Path) -> dict[str, float]:
     return {"box_studies": int(merged[STUDY_COL].nunique()), "box_vertebrae": int(len(ious)),
             "box_ziou_ge_0_7": float((ious >= 0.7).mean()) if len(ious) else float("nan"),
             "box_ziou_mean": float(ious.mean()) if len(ious) else float("nan")}
+
+
+def calibration_decision(calibration: dict[str, Any]) -> dict[str, Any]:
+    """What the report decided about the calibration, and on what evidence (the figures it has)."""
+    evidence = calibration.get("evidence", {})
+    return {"use": bool(calibration.get("use")), "n_studies": evidence.get("n_studies"),
+            **{key: evidence[key] for key in ("raw_score", "cross_validated_score", "bootstrap_confidence")
+               if key in evidence}}
 
 
 def submission_figures(data: Path, submission: Path, calibration: dict[str, Any] | None = None

@@ -75,6 +75,17 @@ def format_kinds(figures: dict[str, dict[str, float]]) -> str:
     return "; ".join(f"{kind} {v['auc']:.2f} ({v['n']})" for kind, v in figures.items()) or "-"
 
 
+def format_calibration(decision: dict[str, Any]) -> str:
+    """One table cell: whether the report used its calibration, and the evidence it decided on."""
+    text = "used" if decision["use"] else "refused"
+    if "cross_validated_score" not in decision:  # never fitted: too few out-of-fold studies
+        return f"{text}: {decision.get('n_studies')} OOF studies, too few to fit"
+    text += f": {decision['raw_score']:.3f} -> {decision['cross_validated_score']:.3f}"
+    if "bootstrap_confidence" in decision:
+        text += f" ({decision['bootstrap_confidence']:.0%})"
+    return text
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: one column per dataset, a target column; a figure missing its target is marked."""
     def cell(name: str, value: float, text: str) -> str:
@@ -116,6 +127,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
          lambda r: f"{r['stage2_fit']['train_auc']:.2f} / {r['stage2_fit']['val_auc']:.2f}", "stage2_fit"),
         ("stage-2 vertebra AUC by fracture kind, training studies (fractured vertebrae)",
          lambda r: format_kinds(r["stage2_train_kind_auc"]), "stage2_train_kind_auc"),
+        ("calibration: used or not; OOF score raw -> cross-validated calibration (share of study resamples it wins)",
+         lambda r: format_calibration(r["calibration_decision"]), None),
         ("submission / constant prior", lambda r: f"{r['submission_score']:.3f} / {r['submission_constant']:.3f} "
                                                   f"= {r['submission_ratio']:.2f}x", "submission_ratio"),
         ("the same without the calibration the report chose (undone on the submitted probabilities)",
