@@ -115,6 +115,10 @@ def test_stage1_only_stops_after_the_boxes_and_gives_stage_1s_figures_with_its_c
     both = recipe_check.format_table({"tiny": result, "full": full})
     assert "| stage-2 OOF score / best constant | - | **0.500 / 0.600 = 0.83x** (miss) | <= 0.7 |" in both
     assert "at each evaluation" not in both  # only where every dataset has it
+    # A dataset with type 2 beside one without: "-" for the latter, never "nan".
+    typed = {**full, "overall_learned_ratio": 0.95, "overall_vs_type1_ratio": 1.02}
+    mixed = recipe_check.format_table({"with": typed, "without": full})
+    assert "| patient_overall loss: the same / type 1's noisy-OR | 1.02x | - |  |" in mixed and "nan" not in mixed
     for other in ("--type2", "--oracle"):  # both need stage 2
         with pytest.raises(SystemExit):
             recipe_check.main(["--out", str(tmp_path / "x"), "--stage1-only", other])
