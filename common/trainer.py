@@ -261,6 +261,12 @@ class _Loop:
         if ckpt["config"] != self.full_config:
             raise CheckpointError(f"{path}: was written with a different config; "
                                   "resume with the same config or use a new work dir")
+        selected_on = ckpt.get("metric", self.task.metric)
+        if self.cfg.select == "best" and selected_on != self.task.metric:
+            # The earlier validations have no figure for this metric: they cannot be compared.
+            raise CheckpointError(f"{path}: its validations were selected on {selected_on!r}, and this version "
+                                  f"selects on {self.task.metric!r}; finish the run with the version that "
+                                  "started it, or start again in a new work dir")
         self.model.load_state_dict(ckpt["train_model"] if self.ema is not None else ckpt["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["model"])

@@ -143,6 +143,26 @@ def test_resume_rejects_other_config_before_writing_anything(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"x": 1}
 
 
+def test_resume_refuses_a_run_selected_on_another_metric(tmp_path):
+    """select=best cannot compare validations scored on another metric (an older version's run)."""
+    cfg = TrainConfig(steps=2, eval_every=2, num_workers=0, select="best")
+    fit(ToyTask(), cfg, tmp_path, fold=0, full_config={"x": 1})
+
+    class OtherMetric(ToyTask):
+        metric = "n"
+
+    longer = TrainConfig(steps=4, eval_every=2, num_workers=0, select="best")
+    with pytest.raises(CheckpointError, match="selected on 'neg_mse'.*selects on 'n'"):
+        fit(OtherMetric(), longer, tmp_path, fold=0, full_config={"x": 1}, resume=True)
+    assert fit(ToyTask(), longer, tmp_path, fold=0, full_config={"x": 1}, resume=True)["steps"] == 4
+    # select=last keeps the last weights whatever the metric: such a run resumes.
+    last = TrainConfig(steps=2, eval_every=2, num_workers=0)
+    fit(ToyTask(), last, tmp_path / "last", fold=0, full_config={"x": 1})
+    resumed = fit(OtherMetric(), TrainConfig(steps=4, eval_every=2, num_workers=0), tmp_path / "last", fold=0,
+                  full_config={"x": 1}, resume=True)
+    assert resumed["selected_step"] == 4
+
+
 class _Draws(Dataset):
     """Every item is the same sample; what it returns is a fresh random draw (like augmentation)."""
 
