@@ -155,25 +155,25 @@ def choose_calibration(y: np.ndarray, p: np.ndarray, folds: np.ndarray) -> dict[
     raw = competition_score(y, p)
     n_folds = len(np.unique(folds))
     evidence: dict[str, Any] = {"n_studies": int(len(y)), "n_folds": n_folds, "raw_score": raw}
+
+    def refused(why: str) -> dict[str, Any]:
+        return {"use": False, **IDENTITY, "evidence": evidence, "reason": f"{why}: raw probabilities"}
+
     if len(y) < MIN_STUDIES or n_folds < 2:
-        return {"use": False, **IDENTITY, "evidence": evidence,
-                "reason": f"too few out-of-fold studies to fit a calibration ({len(y)} studies from "
-                          f"{n_folds} fold(s); at least {MIN_STUDIES} from 2 folds are needed): raw probabilities"}
+        return refused(f"too few out-of-fold studies to fit a calibration ({len(y)} studies from {n_folds} "
+                       f"fold(s); at least {MIN_STUDIES} from 2 folds are needed)")
     p_cv = cross_validated(y, p, folds)
     cv = competition_score(y, p_cv)
     confidence = bootstrap_confidence(y, p, p_cv)
     calib = fit_calibration(y, p)
     evidence.update(cross_validated_score=cv, bootstrap_confidence=confidence,
                     fitted_score_same_data=competition_score(y, apply_calibration(p, {"use": True, **calib})))
+    held_out = f"calibration fitted on other folds scored {cv:.4f} on the held-out folds against {raw:.4f} raw"
     if cv > raw * (1.0 - MIN_GAIN):
-        return {"use": False, **IDENTITY, "evidence": evidence,
-                "reason": f"calibration fitted on other folds scored {cv:.4f} on the held-out folds against "
-                          f"{raw:.4f} raw (needs a {MIN_GAIN:.1%} gain): raw probabilities"}
+        return refused(f"{held_out} (needs a {MIN_GAIN:.1%} gain)")
     if confidence < MIN_CONFIDENCE:
-        return {"use": False, **IDENTITY, "evidence": evidence,
-                "reason": f"calibration fitted on other folds scored {cv:.4f} on the held-out folds against "
-                          f"{raw:.4f} raw, but was better in only {confidence:.0%} of {N_BOOTSTRAP} resamples "
-                          f"of the studies (needs {MIN_CONFIDENCE:.0%}): raw probabilities"}
+        return refused(f"{held_out}, but was better in only {confidence:.0%} of {N_BOOTSTRAP} resamples of the "
+                       f"studies (needs {MIN_CONFIDENCE:.0%})")
     return {"use": True, **calib, "evidence": evidence,
             "reason": f"cross-validated over {n_folds} folds, calibration improves the score from "
                       f"{raw:.4f} to {cv:.4f} (better in {confidence:.0%} of {N_BOOTSTRAP} resamples of the studies)"}
