@@ -40,7 +40,8 @@ def test_recipe_runs_every_phase_with_both_types_and_resumes(tmp_path):
     assert 0.0 <= result["stage1_dice"] <= 1.0 and 0.0 <= result["box_ziou_ge_0_7"] <= 1.0
     assert set(result["stage2_candidates"]) >= {"type 1", "type 2", "type 2, overall from its vertebrae",
                                                 "ensemble (mean)"}
-    assert result["stage2_oof_score"] == min(result["stage2_candidates"].values())
+    assert result["stage2_oof_score"] == result["stage2_candidates"][result["stage2_chosen"]]
+    assert result["stage2_rule_choice"]["chosen"] == result["stage2_chosen"]
     assert result["overall_learned_ratio"] > 0 and result["overall_vs_type1_ratio"] > 0
     test = pd.read_csv(tmp_path / "tiny" / "data" / "test.csv", dtype=str)
     validate_submission(pd.read_csv(tmp_path / "tiny" / "submission.csv", dtype={"row_id": str}), test["row_id"])
@@ -119,6 +120,14 @@ def test_stage1_only_stops_after_the_boxes_and_gives_stage_1s_figures_with_its_c
     typed = {**full, "overall_learned_ratio": 0.95, "overall_vs_type1_ratio": 1.02}
     mixed = recipe_check.format_table({"with": typed, "without": full})
     assert "| patient_overall loss: the same / type 1's noisy-OR | 1.02x | - |  |" in mixed and "nan" not in mixed
+    # The candidate submitted, and the best out of fold when it did not win often enough to replace the default.
+    chose = {**typed, "stage2_candidates": {"ensemble (vertebrae)": 0.50, "ensemble (mean)": 0.48},
+             "stage2_chosen": "ensemble (vertebrae)",
+             "stage2_rule_choice": {"best": "ensemble (mean)", "bootstrap_confidence": 0.87}}
+    assert ("(chosen: ensemble (vertebrae), the default; best out of fold: ensemble (mean), better in 87% of "
+            "resamples)") in recipe_check.format_table({"chose": chose})
+    chose["stage2_rule_choice"] = {"best": "ensemble (vertebrae)", "bootstrap_confidence": None}
+    assert "(chosen: ensemble (vertebrae)) |" in recipe_check.format_table({"chose": chose})
     for other in ("--type2", "--oracle"):  # both need stage 2
         with pytest.raises(SystemExit):
             recipe_check.main(["--out", str(tmp_path / "x"), "--stage1-only", other])

@@ -17,7 +17,7 @@ from stage2_cls.calibration import (IDENTITY, MIN_CONFIDENCE, MIN_STUDIES, apply
 from stage2_cls.train import ClassifierTask
 from stage2_cls.calibration import invert_calibration
 from stage2_cls.infer import study_probabilities
-from stage2_cls.report import ReportError, main, read_oof
+from stage2_cls.report import DEFAULT_RULES, ReportError, choose_rule, main, read_oof
 
 
 def make_labels(root: Path, n: int = 120, seed: int = 0) -> tuple[Path, np.ndarray, list[str]]:
@@ -229,9 +229,13 @@ def test_type2_and_ensemble_compared_side_by_side_and_the_best_rule_kept(tmp_pat
     assert report["candidates"]["type 2"] == pytest.approx(competition_score(y, p2))
     assert report["score"] == min(report["candidates"].values())
     assert report["rule"]["overall"] in ("type2", "mean")  # the learned head beats the noisy-OR here
+    choice = report["rule_choice"]  # by enough, on 120 studies, to leave the default
+    assert choice["default"] == "ensemble (vertebrae)" and choice["chosen"] == report["chosen"] == choice["best"]
+    assert choice["bootstrap_confidence"] >= MIN_CONFIDENCE
     per_label = pd.DataFrame(report["per_label"]).set_index("label")
     assert {"type 1 auc", "type 2 auc", "ensemble (type2) wlogloss"} <= set(per_label.columns)
     ensemble = json.loads((work_dir / "stage2" / "ensemble.json").read_text())
+    assert ensemble["rule_choice"] == choice
     # The submission runs the chosen candidate's types only.
     assert ensemble["runs"] == [r for r, t in (("demo", 1), ("demo-type2", 2)) if t in report["rule"]["types"]]
     assert ensemble["overall"] == report["rule"]["overall"]
@@ -245,3 +249,37 @@ def test_read_oof_errors(tmp_path):
     pd.DataFrame({STUDY_COL: ["a"], "C1": [0.1]}).to_csv(tmp_path / "oof_fold0.csv", index=False)
     with pytest.raises(ReportError, match="lacks columns"):
         read_oof(tmp_path)
+
+
+def test_the_default_rule_is_kept_unless_another_wins_in_most_resamples():
+    """On few studies a candidate that scores a little better out of fold does not replace the
+    default (the mean of both types' vertebrae, noisy-OR); one better on nearly every study does."""
+    rng = np.random.default_rng(3)
+    n = 48
+    y = (rng.random((n, 7)) < 0.15).astype(float)
+    y = np.concatenate([y, y.max(1, keepdims=True)], axis=1)
+
+    def predictions(strength: float, seed: int) -> np.ndarray:
+        z = strength * (2 * y - 1) + np.random.default_rng(seed).normal(scale=1.5, size=y.shape) - 1.0
+        return np.clip(1 / (1 + np.exp(-z)), *PRED_CLIP)
+
+    default, close, strong = predictions(1.0, 10), predictions(1.0, 11), predictions(4.0, 12)
+    assert DEFAULT_RULES[0] == "ensemble (vertebrae)"
+    found = {"type 1": ({}, close), "ensemble (vertebrae)": ({}, default)}
+    # Two models of the same strength: by chance type 1 scores 15% better on these 48 studies.
+    assert competition_score(y, close) < 0.9 * competition_score(y, default)
+    choice = choose_rule(y, found)
+    assert choice["best"] == "type 1" and choice["default"] == "ensemble (vertebrae)"
+    assert choice["chosen"] == "ensemble (vertebrae)" and "needs 95%" in choice["reason"]
+    assert 0.5 < choice["bootstrap_confidence"] < MIN_CONFIDENCE
+    # The default scoring best is simply kept.
+    kept = choose_rule(y, {"type 1": ({}, default), "ensemble (vertebrae)": ({}, close)})
+    assert kept["chosen"] == kept["best"] == "ensemble (vertebrae)" and kept["bootstrap_confidence"] is None
+    # A much better candidate is taken, with its share of wins.
+    choice = choose_rule(y, {**found, "ensemble (mean)": ({}, strong)})
+    assert choice["chosen"] == choice["best"] == "ensemble (mean)"
+    assert choice["bootstrap_confidence"] >= MIN_CONFIDENCE and "ensemble (mean)" in choice["reason"]
+    # Without the ensemble, type 1 is the default; type 2 alone, the noisy-OR of its vertebrae.
+    assert choose_rule(y, {"type 1": ({}, close), "type 2": ({}, default)})["default"] == "type 1"
+    alone = {"type 2": ({}, close), "type 2, overall from its vertebrae": ({}, default)}
+    assert choose_rule(y, alone)["default"] == "type 2, overall from its vertebrae"

@@ -211,6 +211,7 @@ def evaluate(root: Path, recipe: Recipe) -> dict[str, Any]:
             "stage2_oof_ratio": report["score"] / report["constant_score"], "stage2_folds": report["folds"],
             "stage2_auc": {r["label"]: r[f"{report['chosen']} auc"] for r in report["per_label"]},
             "stage2_candidates": report["candidates"], "stage2_chosen": report["chosen"],
+            "stage2_rule_choice": report.get("rule_choice"),
             **overall_figures(report),
             "calibration": report["calibration"]["reason"],
             "calibration_decision": calibration_decision(report["calibration"]),

@@ -86,6 +86,16 @@ def format_calibration(decision: dict[str, Any]) -> str:
     return text
 
 
+def format_choice(result: dict[str, Any]) -> str:
+    """Which candidate the report submitted, and the best one out of fold when that lost to the default."""
+    choice = result.get("stage2_rule_choice") or {}
+    text = f"chosen: {result['stage2_chosen']}"
+    if choice.get("best") not in (None, result["stage2_chosen"]):
+        text += (f", the default; best out of fold: {choice['best']}, better in "
+                 f"{choice['bootstrap_confidence']:.0%} of resamples")
+    return text
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: one column per dataset, a target column; a figure missing its target is marked."""
     def cell(name: str, value: float, text: str) -> str:
@@ -113,7 +123,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         ("stage-2 OOF / best constant, each candidate",
          lambda r: "; ".join(f"{name} {score / r['stage2_oof_constant']:.2f}x"
                              for name, score in r["stage2_candidates"].items())
-         + f" (chosen: {r['stage2_chosen']})", None),
+         + f" ({format_choice(r)})", None),
         ("stage-2 OOF / best constant on crops from the true labels (oracle stage 1)",
          lambda r: f"{r['oracle_stage2_oof_score']:.3f} / {r['oracle_stage2_oof_constant']:.3f} "
                    f"= {r['oracle_stage2_oof_ratio']:.2f}x", "oracle_stage2_oof_ratio"),
