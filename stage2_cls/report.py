@@ -132,14 +132,17 @@ def candidates(outputs: Mapping[str, np.ndarray], from_vertebrae: str) -> dict[s
     return out
 
 
-def choose_rule(y: np.ndarray, found: Mapping[str, tuple[dict, np.ndarray]]) -> dict[str, Any]:
+def choose_rule(y: np.ndarray, found: Mapping[str, tuple[dict, np.ndarray]],
+                scores: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Which candidate to submit: the default (:data:`DEFAULT_RULES`) unless the best-scoring one
     beats it in at least ``MIN_CONFIDENCE`` of ``N_BOOTSTRAP`` seeded resamples of the studies.
+    ``scores``: each candidate's competition score on ``y``, when the caller has them already.
 
     Returns ``chosen``, ``best`` (lowest out-of-fold score), ``default``, ``bootstrap_confidence``
     (the best's share of wins over the default; None when they are the same) and ``reason``.
     """
-    scores = {name: competition_score(y, p) for name, (_, p) in found.items()}
+    if scores is None:
+        scores = {name: competition_score(y, p) for name, (_, p) in found.items()}
     best = min(scores, key=scores.get)
     default = next((name for name in DEFAULT_RULES if name in found), best)
     choice: dict[str, Any] = {"best": best, "default": default, "bootstrap_confidence": None}
@@ -165,7 +168,7 @@ def build_report(oof: pd.DataFrame, outputs: Mapping[str, np.ndarray], labels: p
     folds = oof["fold"].to_numpy()
     found = candidates(outputs, from_vertebrae)
     scores = {name: competition_score(y, p) for name, (_, p) in found.items()}
-    rule_choice = choose_rule(y, found)
+    rule_choice = choose_rule(y, found, scores)
     chosen = rule_choice["chosen"]
     rule, p = found[chosen]
     calibration = choose_calibration(y, p, folds)
