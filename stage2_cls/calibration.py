@@ -12,7 +12,16 @@ only keeps one when
 
 - there are at least ``MIN_STUDIES`` out-of-fold studies from at least two folds
   (a handful of validation studies is often separable, and a fit on them is
-  degenerate: temperature 0.05, bias -4.6 was seen on 9 studies);
+  degenerate: temperature 0.05, bias -4.6 was seen on 9 studies). 20, not more:
+  the tests below decide the rest, and a model trained on a small set is the one
+  most likely to be over-confident. On a synthetic set with 24 training studies
+  the five folds' raw OOF score was 0.835 (the best constant 0.531); calibrated
+  on the other folds 0.668, better in all 2,000 resamples; on that set's 24 test
+  studies the submission went from 0.564 to 0.511 with it. The risk, measured on
+  a 48-study set whose model was not over-confident: a calibration chosen by
+  these rules on 24 of its OOF studies drawn at random was kept in 13 of 100
+  draws, and applied to the set's test submission scored 0.990-1.023x the raw
+  (mean 1.007);
 - the fit is regularised towards the identity (a Gaussian prior on log-temperature
   and bias worth ``PRIOR_STUDIES`` studies) and bounded (temperature 1/4..4);
 - fitted on the other folds, it improves the competition score of the held-out
@@ -39,7 +48,7 @@ from common.constants import PRED_CLIP, TARGETS
 from common.metric import competition_score, study_scores
 
 IDENTITY = {"vertebra": {"temperature": 1.0, "bias": 0.0}, "overall": {"temperature": 1.0, "bias": 0.0}}
-MIN_STUDIES = 40
+MIN_STUDIES = 20
 PRIOR_STUDIES = 5.0
 MAX_LOG_TEMPERATURE = float(np.log(4.0))
 MAX_BIAS = 3.0
@@ -124,14 +133,14 @@ def cross_validated(y: np.ndarray, p: np.ndarray, folds: np.ndarray) -> np.ndarr
 def calibrated_validation_score(y: np.ndarray, p: np.ndarray) -> float:
     """One validation's score as it would be submitted: for model selection during training.
 
-    With at least ``MIN_STUDIES`` studies, a calibration is fitted on every other study and
-    scored on the rest, and the other way round (a two-fold cross-fit in a fixed order, so
-    successive validations are compared alike); the better of that score and the raw one is
-    returned, as the report keeps a calibration only when it helps. Under ``MIN_STUDIES`` no
-    calibration would be fitted, and the raw score is returned.
+    With at least ``2 * MIN_STUDIES`` studies, a calibration is fitted on every other study
+    and scored on the rest, and the other way round (a two-fold cross-fit in a fixed order, so
+    successive validations are compared alike; each half is as many studies as the report
+    needs); the better of that score and the raw one is returned, as the report keeps a
+    calibration only when it helps. With fewer, the raw score is returned.
     """
     raw = competition_score(y, p)
-    if len(y) < MIN_STUDIES:
+    if len(y) < 2 * MIN_STUDIES:
         return raw
     return min(raw, competition_score(y, cross_validated(y, p, np.arange(len(y)) % 2)))
 

@@ -158,6 +158,33 @@ def test_calibration_kept_when_it_clearly_helps():
     assert chosen["evidence"]["cross_validated_score"] < 0.9 * chosen["evidence"]["raw_score"]
 
 
+def test_calibration_kept_on_a_small_set_only_when_the_model_is_far_off():
+    """24 OOF studies from 5 folds, as a 24-study training set gives: an over-confident model
+    (the right ranking, log-odds four times too large) is calibrated; a model that is already
+    about right is left raw; under MIN_STUDIES nothing is fitted."""
+    rng = np.random.default_rng(11)
+    n = 24
+    truth = np.empty((n, 8))
+    truth[:, :7] = 1 / (1 + np.exp(-rng.normal(-1.5, 1.5, size=(n, 7))))
+    truth[:, 7] = 1 - np.prod(1 - truth[:, :7], axis=1)
+    y = (rng.random((n, 7)) < truth[:, :7]).astype(float)
+    y = np.concatenate([y, y.max(1, keepdims=True)], axis=1)
+    sane = 2 * truth / (1 + truth)  # the metric's optimum for these chances (positives weigh double)
+    z = np.log(sane / (1 - sane))
+    folds = np.arange(n) % 5
+    wild = 1 / (1 + np.exp(-4.0 * z))
+    chosen = choose_calibration(y, wild, folds)
+    assert MIN_STUDIES <= n < 40
+    assert chosen["use"] is True, chosen["reason"]
+    assert chosen["vertebra"]["temperature"] > 1.5
+    assert chosen["evidence"]["cross_validated_score"] < 0.85 * chosen["evidence"]["raw_score"]
+    assert chosen["evidence"]["bootstrap_confidence"] >= MIN_CONFIDENCE
+    assert choose_calibration(y, sane, folds)["use"] is False
+    few = slice(0, MIN_STUDIES - 1)
+    refused = choose_calibration(y[few], wild[few], folds[few])
+    assert refused["use"] is False and "too few" in refused["reason"]
+
+
 def test_bootstrap_confidence_is_the_share_of_resamples_won_and_seeded():
     y = np.zeros((40, 8))
     y[::4, [0, 7]] = 1
@@ -210,7 +237,7 @@ def test_selection_score_prefers_the_better_ranking_that_calibration_fixes():
     assert calibrated_validation_score(y, shifted) <= competition_score(y, shifted)
     assert ClassifierTask.metric == "calibrated_score" and ClassifierTask.metric_mode == "min"
     # Too few studies for a calibration: the raw score, as the report would submit raw.
-    few = slice(0, MIN_STUDIES - 1)
+    few = slice(0, 2 * MIN_STUDIES - 1)
     assert calibrated_validation_score(y[few], shifted[few]) == competition_score(y[few], shifted[few])
 
 
