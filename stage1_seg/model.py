@@ -26,6 +26,7 @@ with warnings.catch_warnings():
 from common.pretrained import (REQUIRED_TENSOR_FRACTION, PretrainedError, create_pretrained, resolve_source,
                                wants_pretrained)
 from stage1_seg.config import ModelConfig
+from stage1_seg.depthwise import use_fast_depthwise
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,12 @@ class SegUnet(smp.Unet):
         logits = self.segmentation_head(out)
         if self.head_stride > 1:
             logits = F.interpolate(logits, size=x.shape[2:], mode="trilinear", align_corners=False)
+        # The logits leave in the standard layout: on CPU the loss over channels-last logits of
+        # two 64^3 cubes took 0.066 s (forward and backward) against 0.042 s, of a 0.54 s step.
+        logits = logits.contiguous()
         if not (self.training and self.aux_heads is not None):
             return logits
-        return logits, [head(outputs[-2 - i]) for i, head in enumerate(self.aux_heads)]
+        return logits, [head(outputs[-2 - i]).contiguous() for i, head in enumerate(self.aux_heads)]
 
 
 def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
@@ -120,6 +124,9 @@ def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
             init_prior(conv, cfg.prior, cfg.head)
     if pretrained_source and wants_pretrained(cfg.pretrained, cfg.weights_file):
         load_imagenet_encoder(model.encoder, cfg)
+    # The encoder's depthwise convolutions get a backward that is 4-10x faster on CPU (see
+    # stage1_seg.depthwise); GPUs, autocast and inference run the library convolution.
+    use_fast_depthwise(model)
     # Channels-last 3D convolutions: 1.7x the training speed on CPU (0.51 vs 0.86 s per step of
     # two 64^3 cubes, EfficientNetV2-B0); inputs go through as_model_input to match.
     return model.to(memory_format=torch.channels_last_3d)
