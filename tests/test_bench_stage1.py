@@ -1,11 +1,15 @@
-"""The stage-1 throughput benchmark times both memory layouts side by side (python -m tooling.bench.stage1)."""
+"""The stage-1 throughput benchmark times both memory layouts and both depthwise backwards side by side
+(python -m tooling.bench.stage1)."""
 from __future__ import annotations
+
+import time
 
 import torch
 
 from common.config import load_config
 from configs import config_path
 from stage1_seg.config import Stage1Config
+from stage1_seg.depthwise import FastDepthwiseConv3d
 from tooling.bench import stage1 as bench
 
 SMALL = ["preprocess.size=32", "train.batch_size=2"]
@@ -28,13 +32,39 @@ def test_layout_model_and_loss_run_in_the_asked_layout():
         assert not outputs[0].is_contiguous(memory_format=other)
 
 
-def test_main_prints_both_layouts_and_their_ratio(capsys):
-    bench.main(["--config", str(config_path("demo/stage1.yaml")), "--steps", "1", "--studies", "1",
+def test_main_prints_both_layouts_both_depthwise_backwards_and_their_ratios(capsys):
+    bench.main(["--config", str(config_path("demo/stage1.yaml")), "--steps", "1", "--rounds", "1", "--studies", "1",
                 "--study-shape", "40", "64", "64", *SMALL])
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[1]: line.split()[2:] for line in lines[2:]}
-    assert set(rows) == {"channels_last", "contiguous", "ratio"}
-    for layout in ("channels_last", "contiguous"):
-        assert all(float(v) > 0 for v in rows[layout])
-    for got, cl, co in zip(rows["ratio"], rows["channels_last"], rows["contiguous"]):
-        assert abs(float(got.rstrip("x")) / (float(cl) / float(co)) - 1) < 0.05  # printed rates are rounded
+    variants = {f"{layout}/{dw}" for layout in bench.LAYOUTS for dw in bench.DEPTHWISE}
+    assert set(rows) == variants | {"ratio:layout", "ratio:depthwise"}
+    for variant in variants:
+        assert all(float(v) > 0 for v in rows[variant])
+    for ratio, (a, b) in {"ratio:layout": ("channels_last/fast", "contiguous/fast"),
+                          "ratio:depthwise": ("channels_last/fast", "channels_last/library")}.items():
+        for got, x, y in zip(rows[ratio], rows[a], rows[b]):
+            assert abs(float(got.rstrip("x")) / (float(x) / float(y)) - 1) < 0.05  # printed rates are rounded
+
+
+def test_depthwise_baseline_model_has_the_library_convolutions():
+    cfg = load_config(Stage1Config, config_path("demo/stage1.yaml"), SMALL)
+    fast = bench.layout_model(cfg, torch.device("cpu"), "channels_last", "fast")
+    library = bench.layout_model(cfg, torch.device("cpu"), "channels_last", "library")
+    assert sum(isinstance(m, FastDepthwiseConv3d) for m in fast.modules()) > 0
+    assert not any(isinstance(m, FastDepthwiseConv3d) for m in library.modules())
+
+
+def test_train_rates_take_turns_and_report_each_variants_median_round():
+    calls = []
+
+    def stepper(name, seconds):
+        def step():
+            calls.append(name)
+            time.sleep(seconds)
+        return step
+
+    rates = bench.train_rates({"a": stepper("a", 0.002), "b": stepper("b", 0.01)}, torch.device("cpu"),
+                              batch=2, steps=3, rounds=2)
+    assert calls == ["a", "a", "b", "b"] + (["a"] * 3 + ["b"] * 3) * 2  # warm-up, then turns
+    assert rates["b"] <= 2 / 0.01 and rates["a"] > rates["b"]

@@ -1,20 +1,26 @@
 """Stage-1 throughput: training samples/s and prediction studies/s, AMP beside fp32.
 
-    python -m tooling.bench.stage1 [--config configs/stage1.yaml] [--steps 10] [--batch-size 4]
-                                   [--layout both|channels_last|contiguous] [key=value ...]
+    python -m tooling.bench.stage1 [--config configs/stage1.yaml] [--steps 10] [--rounds 3] [--batch-size 4]
+                                   [--layout both|channels_last|contiguous]
+                                   [--depthwise both|fast|library] [key=value ...]
 
 Random weights (the config's ImageNet start is not looked for) and inputs at
 the configured cube size (128^3 by default); the prediction figure includes the
 shared preprocessing of a 300 x 512 x 512 study. The built model runs
 channels-last 3D (``stage1_seg.model.build_model``); ``--layout both`` (the
-default) times it beside the contiguous layout as the baseline, in one run.
+default) times it beside the contiguous layout as the baseline, in one run. The built
+model's depthwise convolutions train on CPU with ``stage1_seg.depthwise``'s backward;
+``--depthwise both`` (the default) also times the library's backward as its baseline.
+The training variants take turns, ``--rounds`` rounds of ``--steps`` steps, and each one's
+median round is printed: on a shared machine the speed drifts between runs by more than the
+differences timed.
 """
 from __future__ import annotations
 
 import argparse
 import time
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,10 +32,12 @@ from configs import config_path
 from stage1_seg.augment import mixup
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import cube_shape, preprocess_hu
+from stage1_seg.depthwise import use_fast_depthwise
 from stage1_seg.model import build_model, class_probs
 from stage1_seg.train import supervised_loss
 
 LAYOUTS = {"channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
+DEPTHWISE = ("fast", "library")
 
 
 def _sync(device: torch.device) -> None:
@@ -37,9 +45,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def layout_model(cfg: Stage1Config, device: torch.device, layout: str) -> torch.nn.Module:
-    """The built model with its weights in ``layout`` (the trainer's is channels-last 3D)."""
-    return build_model(cfg.model, pretrained_source=False).to(device, memory_format=LAYOUTS[layout])
+def layout_model(cfg: Stage1Config, device: torch.device, layout: str, depthwise: str = "fast") -> torch.nn.Module:
+    """The built model with its weights in ``layout`` (the trainer's is channels-last 3D) and its
+    depthwise convolutions' backward ``fast`` (the trainer's) or the ``library``'s."""
+    model = build_model(cfg.model, pretrained_source=False)
+    use_fast_depthwise(model, enabled=depthwise == "fast")
+    return model.to(device, memory_format=LAYOUTS[layout])
 
 
 def layout_loss(cfg: Stage1Config, layout: str, model: torch.nn.Module, batch: dict,
@@ -49,23 +60,36 @@ def layout_loss(cfg: Stage1Config, layout: str, model: torch.nn.Module, batch: d
     return supervised_loss(model(image.contiguous(memory_format=LAYOUTS[layout])), target, cfg)
 
 
-def train_rate(cfg: Stage1Config, device: torch.device, amp: bool, batch: int, steps: int,
-               layout: str = "channels_last") -> float:
-    """Training samples/s of the trainer's own step (forward, loss, backward, clipping, AdamW)."""
-    model = layout_model(cfg, device, layout).train()
+def train_stepper(cfg: Stage1Config, device: torch.device, amp: bool, batch: int,
+                  layout: str = "channels_last", depthwise: str = "fast") -> Callable[[], None]:
+    """One training step of the trainer's own (forward, loss, backward, clipping, AdamW) per call."""
+    model = layout_model(cfg, device, layout, depthwise).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = make_scaler(device, amp)
     shape = cube_shape(cfg.preprocess)
     data = {"image": torch.rand(batch, cfg.model.in_channels, *shape, device=device),
             "target": (torch.rand(batch, 7, *shape, device=device) > 0.95).float()}
     loss_fn = partial(layout_loss, cfg, layout)
-    for i in range(steps + 2):  # two warm-up steps
-        if i == 2:
+    return lambda: train_step(loss_fn, model, data, device, optimizer, scaler, amp, cfg.train.grad_clip)
+
+
+def train_rates(steppers: dict[str, Callable[[], None]], device: torch.device, batch: int, steps: int,
+                rounds: int = 3) -> dict[str, float]:
+    """Training samples/s of each stepper: ``rounds`` rounds of ``steps`` steps, the variants taking
+    turns within each round (a shared machine's speed drifts by more than the differences timed),
+    the median round of each."""
+    for step in steppers.values():  # two warm-up steps each
+        step(), step()
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(rounds):
+        for name, step in steppers.items():
             _sync(device)
             start = time.perf_counter()
-        train_step(loss_fn, model, data, device, optimizer, scaler, amp, cfg.train.grad_clip)
-    _sync(device)
-    return steps * batch / (time.perf_counter() - start)
+            for _ in range(steps):
+                step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: steps * batch / float(np.median(t)) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -98,13 +122,18 @@ def predict_rate(cfg: Stage1Config, device: torch.device, amp: bool, studies: in
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(config_path("stage1.yaml")))
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="training steps a round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="training rounds, the variants taking turns; the median round is printed")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--studies", type=int, default=5)
     parser.add_argument("--study-shape", type=int, nargs=3, default=(300, 512, 512))
     parser.add_argument("--layout", choices=("both", *LAYOUTS), default="both",
                         help="memory layout of weights and inputs; both: channels-last beside the "
                              "contiguous baseline")
+    parser.add_argument("--depthwise", choices=("both", *DEPTHWISE), default="both",
+                        help="backward of the depthwise convolutions on CPU; both: the fast one "
+                             "beside the library's")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(Stage1Config, args.config, args.overrides)
@@ -116,19 +145,25 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"torch threads {torch.get_num_threads()}")
     modes = [("fp32", False), ("amp", True)] if device.type == "cuda" else [("fp32", False)]
     layouts = list(LAYOUTS) if args.layout == "both" else [args.layout]
+    depthwise = list(DEPTHWISE) if args.depthwise == "both" else [args.depthwise]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    print(f"{'mode':6} {'layout':14} {'train samples/s':>16} {'predict studies/s':>18} {'network only':>13}")
+    print(f"{'mode':6} {'layout/depthwise':24} {'train samples/s':>16} {'predict studies/s':>18} {'network only':>13}")
+    variants = [(layout, dw) for layout in layouts for dw in depthwise]
     for name, amp in modes:
+        train = train_rates({f"{layout}/{dw}": train_stepper(cfg, device, amp, batch, layout, dw)
+                             for layout, dw in variants}, device, batch, args.steps, args.rounds)
         rates = {}
-        for layout in layouts:
-            train = train_rate(cfg, device, amp, batch, args.steps, layout)
+        for layout, dw in variants:
+            key = f"{layout}/{dw}"
             full, net = predict_rate(cfg, device, amp, args.studies, tuple(args.study_shape), layout)
-            rates[layout] = (train, full, net)
-            print(f"{name:6} {layout:14} {train:16.2f} {full:18.2f} {net:13.2f}")
-        if len(rates) == 2:
-            ratio = [a / b for a, b in zip(rates["channels_last"], rates["contiguous"])]
-            print(f"{name:6} {'ratio':14} {ratio[0]:15.2f}x {ratio[1]:17.2f}x {ratio[2]:12.2f}x")
+            rates[key] = (train[key], full, net)
+            print(f"{name:6} {key:24} {train[key]:16.2f} {full:18.2f} {net:13.2f}")
+        for label, (a, b) in {"ratio:layout": ("channels_last/fast", "contiguous/fast"),
+                              "ratio:depthwise": ("channels_last/fast", "channels_last/library")}.items():
+            if a in rates and b in rates:
+                ratio = [x / y for x, y in zip(rates[a], rates[b])]
+                print(f"{name:6} {label:24} {ratio[0]:15.2f}x {ratio[1]:17.2f}x {ratio[2]:12.2f}x")
 
 
 if __name__ == "__main__":
