@@ -88,7 +88,8 @@ class SegUnet(smp.Unet):
         if self.head_stride > 1:
             logits = F.interpolate(logits, size=x.shape[2:], mode="trilinear", align_corners=False)
         # The logits leave in the standard layout: on CPU the loss over channels-last logits of
-        # two 64^3 cubes took 0.066 s (forward and backward) against 0.042 s, of a 0.54 s step.
+        # two 64^3 cubes took 0.066 s (forward and backward) against 0.042 s, of a 0.54 s step
+        # (on a GPU it is one copy; not timed there).
         logits = logits.contiguous()
         if not (self.training and self.aux_heads is not None):
             return logits
@@ -124,7 +125,7 @@ def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
             init_prior(conv, cfg.prior, cfg.head)
     if pretrained_source and wants_pretrained(cfg.pretrained, cfg.weights_file):
         load_imagenet_encoder(model.encoder, cfg)
-    # The encoder's depthwise convolutions get a backward that is 4-10x faster on CPU (see
+    # The encoder's depthwise convolutions get a backward that is 3-5x faster on CPU (see
     # stage1_seg.depthwise); GPUs, autocast and inference run the library convolution.
     use_fast_depthwise(model)
     # Channels-last 3D convolutions: 1.7x the training speed on CPU (0.51 vs 0.86 s per step of
