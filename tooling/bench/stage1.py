@@ -10,7 +10,8 @@ shared preprocessing of a 300 x 512 x 512 study. The built model runs
 channels-last 3D (``stage1_seg.model.build_model``); ``--layout both`` (the
 default) times it beside the contiguous layout as the baseline, in one run. The built
 model's depthwise convolutions train on CPU with ``stage1_seg.depthwise``'s backward;
-``--depthwise both`` (the default) also times the library's backward as its baseline.
+``--depthwise both`` (the default) also times the library's backward as its baseline
+(prediction, which has no backward, is timed once per layout and printed on both rows).
 The training variants take turns, ``--rounds`` rounds of ``--steps`` steps, and each one's
 median round is printed: on a shared machine the speed drifts between runs by more than the
 differences timed.
@@ -153,10 +154,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, amp in modes:
         train = train_rates({f"{layout}/{dw}": train_stepper(cfg, device, amp, batch, layout, dw)
                              for layout, dw in variants}, device, batch, args.steps, args.rounds)
+        # Prediction runs without gradients, so never the fast backward: timed once per layout.
+        predict = {layout: predict_rate(cfg, device, amp, args.studies, tuple(args.study_shape), layout)
+                   for layout in layouts}
         rates = {}
         for layout, dw in variants:
             key = f"{layout}/{dw}"
-            full, net = predict_rate(cfg, device, amp, args.studies, tuple(args.study_shape), layout)
+            full, net = predict[layout]
             rates[key] = (train[key], full, net)
             print(f"{name:6} {key:24} {train[key]:16.2f} {full:18.2f} {net:13.2f}")
         for label, (a, b) in {"ratio:layout": ("channels_last/fast", "contiguous/fast"),
