@@ -46,10 +46,29 @@ def spatial_transform(image: torch.Tensor, target: torch.Tensor, cfg: AugmentCon
     grid = F.affine_grid(theta[None], [1, 1, *shape], align_corners=False)
     if do_elastic:
         grid = grid + _elastic_offsets(shape, cfg.elastic_strength)
-    both = torch.cat([image, target], dim=0)[None]
-    # Outside the volume is air: 0 after windowing for the image, background for the target.
-    warped = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    warped = warp_volume(torch.cat([image, target], dim=0), grid)
     return warped[: image.shape[0]], warped[image.shape[0]:]
+
+
+def warp_volume(volume: torch.Tensor, grid: torch.Tensor, pieces: int | None = None) -> torch.Tensor:
+    """``grid_sample`` of ``volume`` (C, D, H, W) at ``grid`` (1, D, H, W, 3), outside the volume 0
+    (air after windowing for the image, background for the target).
+
+    PyTorch's CPU ``grid_sample`` shares its work among threads by batch item only, so one volume
+    ran on one core. The output's depth is cut into one slab a thread, each slab a batch item
+    over the same (expanded, not copied) input: the same values, 1.4x faster on 2 cores (0.024
+    against 0.034 s for 8 channels at 64^3; ``python -m tooling.bench.stage1``). ``pieces``: the
+    number of slabs (default: torch's threads on CPU, else 1; 1 if it does not divide the depth).
+    """
+    depth = grid.shape[1]
+    if pieces is None:
+        pieces = torch.get_num_threads() if volume.device.type == "cpu" else 1
+    if pieces < 2 or depth % pieces:
+        pieces = 1
+    slabs = grid.reshape(pieces, depth // pieces, *grid.shape[2:])
+    warped = F.grid_sample(volume[None].expand(pieces, *volume.shape), slabs, mode="bilinear",
+                           padding_mode="zeros", align_corners=False)
+    return warped.permute(1, 0, 2, 3, 4).reshape(volume.shape[0], depth, *warped.shape[3:])
 
 
 def intensity_transform(image: torch.Tensor) -> torch.Tensor:

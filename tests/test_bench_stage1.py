@@ -2,6 +2,7 @@
 (python -m tooling.bench.stage1)."""
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -36,7 +37,7 @@ def test_main_prints_both_layouts_both_depthwise_backwards_and_their_ratios(caps
     bench.main(["--config", str(config_path("demo/stage1.yaml")), "--steps", "1", "--rounds", "1", "--studies", "1",
                 "--study-shape", "40", "64", "64", *SMALL])
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[1]: line.split()[2:] for line in lines[2:]}
+    rows = {line.split()[1]: line.split()[2:] for line in lines[2:-1]}
     variants = {f"{layout}/{dw}" for layout in bench.LAYOUTS for dw in bench.DEPTHWISE}
     assert set(rows) == variants | {"ratio:layout", "ratio:depthwise"}
     for variant in variants:
@@ -45,6 +46,12 @@ def test_main_prints_both_layouts_both_depthwise_backwards_and_their_ratios(caps
                           "ratio:depthwise": ("channels_last/fast", "channels_last/library")}.items():
         for got, x, y in zip(rows[ratio], rows[a], rows[b]):
             assert abs(float(got.rstrip("x")) / (float(x) / float(y)) - 1) < 0.05  # printed rates are rounded
+    # the last line: the augmentation's warp in depth slabs beside one batch item, and their ratio
+    warp = re.fullmatch(r"augmentation warp, image \+ 7 target channels, samples/s: depth slabs ([\d.]+), "
+                        r"one batch item ([\d.]+), ratio ([\d.]+)x", lines[-1])
+    assert warp, lines[-1]
+    slabs, one, ratio = map(float, warp.groups())
+    assert slabs > 0 and one > 0 and abs(ratio / (slabs / one) - 1) < 0.1
 
 
 def test_depthwise_baseline_model_has_the_library_convolutions():

@@ -144,6 +144,25 @@ def test_half_resolution_head_keeps_the_output_size_and_drops_only_the_last_bloc
         build_model(ModelConfig(head_stride=2, deep_supervision=4, **SMALL))
 
 
+@pytest.mark.parametrize("threads,depth", [(2, 16), (2, 15), (1, 16), (4, 16)])
+def test_warp_in_depth_slabs_gives_grid_samples_values(threads, depth):
+    from stage1_seg.augment import _elastic_offsets, warp_volume
+    torch.manual_seed(1)
+    volume = torch.rand(3, depth, 12, 10)
+    theta = torch.tensor([[0.9, -0.3, 0.0, 0.1], [0.3, 0.9, 0.0, -0.05], [0.0, 0.0, 1.1, 0.2]])
+    grid = F.affine_grid(theta[None], [1, 1, depth, 12, 10], align_corners=False)
+    grid = grid + _elastic_offsets((depth, 12, 10), 0.05)
+    expected = F.grid_sample(volume[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        warped = warp_volume(volume, grid)
+    finally:
+        torch.set_num_threads(before)
+    assert warped.shape == volume.shape
+    assert torch.equal(warped, expected)
+
+
 def test_augment_keeps_shapes_and_alignment():
     torch.manual_seed(0)
     image = torch.zeros(1, 16, 32, 32)

@@ -12,6 +12,8 @@ default) times it beside the contiguous layout as the baseline, in one run. The 
 model's depthwise convolutions train on CPU with ``stage1_seg.depthwise``'s backward;
 ``--depthwise both`` (the default) also times the library's backward as its baseline
 (prediction, which has no backward, is timed once per layout and printed on both rows).
+The last line times the training augmentation's warp (on the CPU, in torch's threads) cut into
+depth slabs, beside one batch item as its baseline.
 The training variants take turns, ``--rounds`` rounds of ``--steps`` steps, and each one's
 median round is printed: on a shared machine the speed drifts between runs by more than the
 differences timed.
@@ -25,12 +27,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.config import load_config
 from common.device import autocast_context, choose_device
 from common.trainer import make_scaler, train_step
 from configs import config_path
-from stage1_seg.augment import mixup
+from stage1_seg.augment import warp_volume, mixup
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import cube_shape, preprocess_hu
 from stage1_seg.depthwise import use_fast_depthwise
@@ -91,6 +94,17 @@ def train_rates(steppers: dict[str, Callable[[], None]], device: torch.device, b
             _sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: steps * batch / float(np.median(t)) for name, t in times.items()}
+
+
+def warp_rates(cfg: Stage1Config, steps: int, rounds: int = 3) -> dict[str, float]:
+    """Samples/s of the augmentation's warp (image and its 7 target channels at the cube's size):
+    depth slabs, one per thread (``stage1_seg.augment``'s), beside one batch item (the baseline)."""
+    shape = cube_shape(cfg.preprocess)
+    volume = torch.rand(cfg.model.in_channels + 7, *shape)
+    theta = torch.tensor([[0.95, -0.2, 0.0, 0.05], [0.2, 0.95, 0.0, -0.05], [0.0, 0.0, 1.05, 0.1]])
+    grid = F.affine_grid(theta[None], [1, 1, *shape], align_corners=False)
+    steppers = {"slabs": partial(warp_volume, volume, grid), "one item": partial(warp_volume, volume, grid, 1)}
+    return train_rates(steppers, torch.device("cpu"), 1, steps, rounds)
 
 
 @torch.no_grad()
@@ -168,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             if a in rates and b in rates:
                 ratio = [x / y for x, y in zip(rates[a], rates[b])]
                 print(f"{name:6} {label:24} {ratio[0]:15.2f}x {ratio[1]:17.2f}x {ratio[2]:12.2f}x")
+    # The training augmentation runs on the CPU (in the loader) whatever the model's device.
+    warp = warp_rates(cfg, args.steps, args.rounds)
+    print(f"augmentation warp, image + 7 target channels, samples/s: depth slabs {warp['slabs']:.1f}, "
+          f"one batch item {warp['one item']:.1f}, ratio {warp['slabs'] / warp['one item']:.2f}x")
 
 
 if __name__ == "__main__":
