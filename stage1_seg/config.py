@@ -48,6 +48,10 @@ class ModelConfig:
     # detail the input gives; at 64^3 it is a third of a CPU training step), and the last entry of
     # decoder_channels goes unused. 1: smp's full decoder.
     head_stride: int = 1
+    # With head_stride 2: the training loss scores the head's 1/2-resolution logits against the
+    # target averaged down to them, as deep supervision does for the coarser outputs, instead of
+    # upsampling the logits to the input's size first. Validation and inference still upsample.
+    loss_at_head: bool = False
 
 
 @dataclass(frozen=True)

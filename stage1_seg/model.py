@@ -57,16 +57,19 @@ class SegUnet(smp.Unet):
     ``head_stride=2`` drops the decoder's last block (the one that upsamples to the input's
     resolution with no skip connection to add detail) and puts the segmentation head on the
     1/2-resolution features; its logits are upsampled trilinearly to the input size, so the
-    output shape is unchanged.
+    output shape is unchanged; with ``loss_at_head`` as well, training mode skips that upsampling
+    and returns the head's logits at 1/2 resolution, to be scored against the target averaged
+    down to them (:func:`stage1_seg.train.supervised_loss`).
     In training mode with heads, ``forward`` returns ``(logits, [coarser logits, ...])``,
     the finest coarser output first; otherwise the logits alone.
     """
 
-    def __init__(self, *args, deep_supervision: int = 0, head_stride: int = 1, **kwargs) -> None:
+    def __init__(self, *args, deep_supervision: int = 0, head_stride: int = 1, loss_at_head: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if head_stride not in (1, 2):
             raise ValueError(f"model.head_stride must be 1 or 2, got {head_stride}")
-        self.head_stride = head_stride
+        self.head_stride, self.loss_at_head = head_stride, loss_at_head
         if head_stride == 2:
             del self.decoder.blocks[-1]
             head = self.segmentation_head[0]
@@ -85,7 +88,7 @@ class SegUnet(smp.Unet):
             out = block(out, skips[i] if i < len(skips) else None)
             outputs.append(out)
         logits = self.segmentation_head(out)
-        if self.head_stride > 1:
+        if self.head_stride > 1 and not (self.training and self.loss_at_head):
             logits = F.interpolate(logits, size=x.shape[2:], mode="trilinear", align_corners=False)
         # The logits leave in the standard layout: on CPU the loss over channels-last logits of
         # two 64^3 cubes took 0.066 s (forward and backward) against 0.042 s, of a 0.54 s step
@@ -110,11 +113,14 @@ def build_model(cfg: ModelConfig, pretrained_source: bool = True) -> nn.Module:
     if not 0 <= cfg.deep_supervision < levels:
         raise ValueError(f"model.deep_supervision must be in 0..{levels - 1} (decoder_channels "
                          f"{tuple(cfg.decoder_channels)}, head_stride {cfg.head_stride}), got {cfg.deep_supervision}")
+    if cfg.loss_at_head and cfg.head_stride != 2:
+        raise ValueError(f"model.loss_at_head needs model.head_stride 2 (the head then works at 1/2 "
+                         f"resolution), got head_stride {cfg.head_stride}")
     model = SegUnet(
         encoder_name=cfg.encoder, encoder_weights=None, in_channels=cfg.in_channels,
         classes=output_channels(cfg), decoder_channels=tuple(cfg.decoder_channels),
         encoder_depth=len(cfg.decoder_channels), deep_supervision=cfg.deep_supervision,
-        head_stride=cfg.head_stride)
+        head_stride=cfg.head_stride, loss_at_head=cfg.loss_at_head)
     # The classification head of the efficientnet-b* encoders is never run by the U-Net;
     # dropping it keeps DDP from waiting for gradients that never come.
     for name in ("_conv_head", "_bn1"):

@@ -91,8 +91,11 @@ def dice_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
 def supervised_loss(output: torch.Tensor | tuple, target: torch.Tensor, cfg: Stage1Config) -> torch.Tensor:
     """:func:`seg_loss` of the model's output; with deep supervision (``(logits, [coarser, ...])``)
     the coarser logits are scored against the target averaged down to their size, weights
-    1, 1/2, 1/4, ... normalised to sum 1."""
+    1, 1/2, 1/4, ... normalised to sum 1. Logits smaller than the target (``model.loss_at_head``)
+    are scored the same way."""
     def loss(logits, truth):
+        if logits.shape[2:] != truth.shape[2:]:
+            truth = F.adaptive_avg_pool3d(truth, logits.shape[2:])
         return seg_loss(logits, truth, cfg.loss.bce_weight, cfg.loss.dice_weight, cfg.model.head)
 
     if not isinstance(output, tuple):
@@ -101,7 +104,7 @@ def supervised_loss(output: torch.Tensor | tuple, target: torch.Tensor, cfg: Sta
     weights = [0.5 ** i for i in range(len(coarse) + 1)]
     total = weights[0] * loss(logits, target)
     for weight, aux in zip(weights[1:], coarse):
-        total = total + weight * loss(aux, F.adaptive_avg_pool3d(target, aux.shape[2:]))
+        total = total + weight * loss(aux, target)
     return total / sum(weights)
 
 

@@ -144,6 +144,38 @@ def test_half_resolution_head_keeps_the_output_size_and_drops_only_the_last_bloc
         build_model(ModelConfig(head_stride=2, deep_supervision=4, **SMALL))
 
 
+def test_loss_at_head_scores_the_half_resolution_logits_against_the_averaged_down_target():
+    torch.manual_seed(0)
+    cfg = ModelConfig(head_stride=2, deep_supervision=1, prior=0.01, **SMALL)
+    upsampled = build_model(cfg)
+    at_head = build_model(ModelConfig(head_stride=2, deep_supervision=1, prior=0.01, loss_at_head=True, **SMALL))
+    assert set(at_head.state_dict()) == set(upsampled.state_dict())     # checkpoints load either way
+    at_head.load_state_dict(upsampled.state_dict())
+    x = torch.rand(2, 1, 32, 32, 32)
+    logits, coarse = at_head.train()(x)
+    assert logits.shape == (2, 7, 16, 16, 16) and [c.shape[2:] for c in coarse] == [(8,) * 3]
+    full, full_coarse = upsampled.train()(x)
+    # the same network: upsampling the head's logits gives the other model's training output
+    assert torch.allclose(F.interpolate(logits, size=(32,) * 3, mode="trilinear", align_corners=False), full,
+                          atol=1e-5)
+    assert torch.allclose(coarse[0], full_coarse[0], atol=1e-5)
+    with torch.no_grad():   # validation and inference see full-size logits either way
+        assert torch.allclose(at_head.eval()(x), upsampled.eval()(x), atol=1e-5)
+    # the loss averages the target down to the logits it is given, as for the coarse outputs
+    target = torch.zeros(2, 7, 32, 32, 32)
+    target[:, 4, 9:23, 7:25, 8:24] = 1
+    stage1 = Stage1Config(model=ModelConfig(head_stride=2, loss_at_head=True, **SMALL))
+    half_truth = F.adaptive_avg_pool3d(target, (16,) * 3)
+    assert torch.equal(supervised_loss(logits, target, stage1), seg_loss(logits, half_truth, 0.5, 0.5))
+    perfect = (half_truth * 2 - 1) * 8
+    assert supervised_loss(perfect, target, stage1) < supervised_loss(-perfect, target, stage1) - 0.3
+    loss = supervised_loss(at_head.train()(x), target, stage1)
+    loss.backward()
+    assert at_head.segmentation_head[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="loss_at_head needs model.head_stride 2"):
+        build_model(ModelConfig(loss_at_head=True, **SMALL))
+
+
 @pytest.mark.parametrize("threads,depth", [(2, 16), (2, 15), (1, 16), (4, 16)])
 def test_warp_in_depth_slabs_gives_grid_samples_values(threads, depth):
     from stage1_seg.augment import _elastic_offsets, warp_volume
