@@ -22,8 +22,7 @@ from common.io import remove_stale_temporaries, save_npz_atomic
 from common.nifti import load_rsna_mask
 from common.parallel import worker_pool
 from common.volume import body_square, crop_region, full_region, resample, resample_labels, window
-from stage1_seg.augment import augment_pair
-from stage1_seg.config import AugmentConfig, PreprocessConfig
+from stage1_seg.config import PreprocessConfig
 
 log = logging.getLogger(__name__)
 AIR_HU = -1024  # what the cube is padded with where its region leaves the image
@@ -134,11 +133,12 @@ def with_cervical_labels(uids: Sequence[str], cache: Path) -> list[str]:
 
 
 class SegDataset(Dataset):
-    """Cached segmented studies. Items: ``image`` (C, D, H, W) float32, ``target`` (7, D, H, W) float32."""
+    """Cached segmented studies. Items: ``image`` (C, D, H, W) float32 (the window repeated to
+    ``in_channels``), ``target`` (7, D, H, W) float32. No augmentation: training augments each
+    batch on the model's device (``stage1_seg.augment.augment_batch``)."""
 
-    def __init__(self, uids: Sequence[str], cache: Path, in_channels: int = 1,
-                 augment: AugmentConfig | None = None) -> None:
-        self.uids, self.cache, self.in_channels, self.augment = list(uids), Path(cache), in_channels, augment
+    def __init__(self, uids: Sequence[str], cache: Path, in_channels: int = 1) -> None:
+        self.uids, self.cache, self.in_channels = list(uids), Path(cache), in_channels
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -147,8 +147,6 @@ class SegDataset(Dataset):
         with np.load(self.cache / f"{self.uids[index]}.npz") as data:
             image = torch.from_numpy(data["image"].astype(np.float32))[None]
             target = torch.from_numpy(data["target"].astype(np.float32) / 255.0)
-        if self.augment is not None:
-            image, target = augment_pair(image, target, self.augment)
         if self.in_channels > 1:
             image = image.expand(self.in_channels, -1, -1, -1).contiguous()
         return {"image": image, "target": target, "index": torch.tensor(index)}

@@ -25,7 +25,7 @@ from common.config import to_dict
 from common.constants import VERTEBRAE
 from common.folds import fold_split
 from common.trainer import fit
-from stage1_seg.augment import mixup
+from stage1_seg.augment import augment_batch, mixup
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import SegDataset, check_cube_shape, prepare_cache, with_cervical_labels
 from stage1_seg.model import as_model_input, build_model, check_pretrained, class_probs
@@ -108,10 +108,18 @@ def supervised_loss(output: torch.Tensor | tuple, target: torch.Tensor, cfg: Sta
     return total / sum(weights)
 
 
-def batch_loss(cfg: Stage1Config, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """The training loss of one batch (``image`` (B, C, D, H, W), ``target`` (B, 7, D, H, W)), mixup included."""
+def training_batch(cfg: Stage1Config, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loaded training batch (``image`` (B, 1, D, H, W), ``target`` (B, 7, D, H, W)) augmented on
+    ``device``, mixed up, and its image repeated to ``model.in_channels``."""
     image, target = batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
+    image, target = augment_batch(image, target, cfg.augment)
     image, target = mixup(image, target, cfg.augment.mixup_p)
+    return image.expand(-1, cfg.model.in_channels, -1, -1, -1), target
+
+
+def batch_loss(cfg: Stage1Config, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """The training loss of one loaded batch (:func:`training_batch`)."""
+    image, target = training_batch(cfg, batch, device)
     return supervised_loss(model(as_model_input(image)), target, cfg)
 
 
@@ -137,7 +145,8 @@ class SegTask:
         cache = D.broadcast_object(cache)
         channels = self.cfg.model.in_channels
         train, val = (with_cervical_labels(uids, cache) for uids in (self.train_uids, self.val_uids))
-        return SegDataset(train, cache, channels, self.cfg.augment), SegDataset(val, cache, channels, None)
+        # The training set gives one channel: batch_loss augments it, then repeats it to in_channels.
+        return SegDataset(train, cache), SegDataset(val, cache, channels)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
         return batch_loss(self.cfg, model, batch, device)

@@ -47,7 +47,7 @@ def test_main_prints_both_layouts_both_depthwise_backwards_and_their_ratios(caps
         for got, x, y in zip(rows[ratio], rows[a], rows[b]):
             assert abs(float(got.rstrip("x")) / (float(x) / float(y)) - 1) < 0.05  # printed rates are rounded
     # the last line: the augmentation's warp in depth slabs beside one batch item, and their ratio
-    warp = re.fullmatch(r"augmentation warp, image \+ 7 target channels, samples/s: depth slabs ([\d.]+), "
+    warp = re.fullmatch(r"augmentation warp on the CPU, image \+ 7 target channels, samples/s: depth slabs ([\d.]+), "
                         r"one batch item ([\d.]+), ratio ([\d.]+)x", lines[-1])
     assert warp, lines[-1]
     slabs, one, ratio = map(float, warp.groups())

@@ -210,6 +210,43 @@ def test_augment_keeps_shapes_and_alignment():
         assert tgt[[0, 1, 3, 4, 5, 6]].abs().max() == 0
 
 
+def test_augment_batch_draws_each_sample_on_its_own_and_keeps_it_aligned():
+    from stage1_seg.augment import augment_batch
+    image = torch.zeros(1, 16, 32, 32)
+    image[0, 4:12, 8:20, 10:22] = 1.0
+    target = torch.zeros(7, 16, 32, 32)
+    target[2] = image[0]
+    batch_image, batch_target = image.expand(3, -1, -1, -1, -1), target.expand(3, -1, -1, -1, -1)
+    cfg = AugmentConfig(flip_p=0.5, affine_p=1.0, elastic_p=1.0, intensity_p=0.0)
+    torch.manual_seed(5)
+    img, tgt = augment_batch(batch_image, batch_target, cfg)
+    assert img.shape == batch_image.shape and tgt.shape == batch_target.shape
+    assert not torch.equal(img[0], img[1]) and not torch.equal(img[1], img[2])   # three samples, three draws
+    assert torch.allclose(img[:, 0], tgt[:, 2], atol=1e-5)                      # each label on its object
+    # the same draws, in the same order, as augmenting the samples one by one (as the loader did)
+    torch.manual_seed(5)
+    one_by_one = [augment_pair(image, target, cfg) for _ in range(3)]
+    assert torch.equal(img, torch.stack([p[0] for p in one_by_one]))
+    assert torch.equal(tgt, torch.stack([p[1] for p in one_by_one]))
+
+
+def test_training_batch_augments_mixes_and_repeats_the_window_reproducibly():
+    from common.trainer import seed_everything
+    from stage1_seg.train import training_batch
+    cfg = Stage1Config(model=ModelConfig(in_channels=3, **SMALL))
+    batch = {"image": torch.rand(2, 1, 16, 16, 16), "target": (torch.rand(2, 7, 16, 16, 16) > 0.9).float()}
+    draws = []
+    for seed in (11, 11, 12):   # the trainer seeds every period between validations like this
+        seed_everything(seed)
+        draws.append(training_batch(cfg, batch, torch.device("cpu")))
+    image, target = draws[0]
+    assert image.shape == (2, 3, 16, 16, 16) and target.shape == (2, 7, 16, 16, 16)
+    assert torch.equal(image[:, 0], image[:, 2])                 # the augmented window, repeated
+    assert not torch.equal(image[:, :1], batch["image"])         # augmented
+    assert torch.equal(draws[1][0], image) and torch.equal(draws[1][1], target)   # a rerun draws the same
+    assert not torch.equal(draws[2][0], image)                    # another period draws anew
+
+
 def test_no_flip_along_head_feet_axis():
     image = torch.zeros(1, 8, 8, 8)
     image[0, 0] = 1.0  # the top slice marked

@@ -5,15 +5,16 @@
                                    [--depthwise both|fast|library] [key=value ...]
 
 Random weights (the config's ImageNet start is not looked for) and inputs at
-the configured cube size (128^3 by default); the prediction figure includes the
+the configured cube size (128^3 by default); a training step includes the augmentation, on the
+model's device as in training (``stage1_seg.train.training_batch``); the prediction figure includes the
 shared preprocessing of a 300 x 512 x 512 study. The built model runs
 channels-last 3D (``stage1_seg.model.build_model``); ``--layout both`` (the
 default) times it beside the contiguous layout as the baseline, in one run. The built
 model's depthwise convolutions train on CPU with ``stage1_seg.depthwise``'s backward;
 ``--depthwise both`` (the default) also times the library's backward as its baseline
 (prediction, which has no backward, is timed once per layout and printed on both rows).
-The last line times the training augmentation's warp (on the CPU, in torch's threads) cut into
-depth slabs, beside one batch item as its baseline.
+The last line times the augmentation's warp on the CPU (in torch's threads) cut into depth
+slabs, beside one batch item as its baseline.
 The training variants take turns, ``--rounds`` rounds of ``--steps`` steps, and each one's
 median round is printed: on a shared machine the speed drifts between runs by more than the
 differences timed.
@@ -33,12 +34,12 @@ from common.config import load_config
 from common.device import autocast_context, choose_device
 from common.trainer import make_scaler, train_step
 from configs import config_path
-from stage1_seg.augment import warp_volume, mixup
+from stage1_seg.augment import warp_volume
 from stage1_seg.config import Stage1Config
 from stage1_seg.data import cube_shape, preprocess_hu
 from stage1_seg.depthwise import use_fast_depthwise
 from stage1_seg.model import build_model, class_probs
-from stage1_seg.train import supervised_loss
+from stage1_seg.train import supervised_loss, training_batch
 
 LAYOUTS = {"channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
 DEPTHWISE = ("fast", "library")
@@ -59,19 +60,21 @@ def layout_model(cfg: Stage1Config, device: torch.device, layout: str, depthwise
 
 def layout_loss(cfg: Stage1Config, layout: str, model: torch.nn.Module, batch: dict,
                 device: torch.device) -> torch.Tensor:
-    """``stage1_seg.train.batch_loss`` with the input in ``layout`` instead of always channels-last."""
-    image, target = mixup(batch["image"].to(device), batch["target"].to(device), cfg.augment.mixup_p)
+    """``stage1_seg.train.batch_loss`` (augmentation and mixup included) with the input in ``layout``
+    instead of always channels-last."""
+    image, target = training_batch(cfg, batch, device)
     return supervised_loss(model(image.contiguous(memory_format=LAYOUTS[layout])), target, cfg)
 
 
 def train_stepper(cfg: Stage1Config, device: torch.device, amp: bool, batch: int,
                   layout: str = "channels_last", depthwise: str = "fast") -> Callable[[], None]:
-    """One training step of the trainer's own (forward, loss, backward, clipping, AdamW) per call."""
+    """One training step of the trainer's own (augmentation on ``device``, forward, loss, backward,
+    clipping, AdamW) per call."""
     model = layout_model(cfg, device, layout, depthwise).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = make_scaler(device, amp)
     shape = cube_shape(cfg.preprocess)
-    data = {"image": torch.rand(batch, cfg.model.in_channels, *shape, device=device),
+    data = {"image": torch.rand(batch, 1, *shape, device=device),   # as loaded: training_batch repeats it
             "target": (torch.rand(batch, 7, *shape, device=device) > 0.95).float()}
     loss_fn = partial(layout_loss, cfg, layout)
     return lambda: train_step(loss_fn, model, data, device, optimizer, scaler, amp, cfg.train.grad_clip)
@@ -182,9 +185,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             if a in rates and b in rates:
                 ratio = [x / y for x, y in zip(rates[a], rates[b])]
                 print(f"{name:6} {label:24} {ratio[0]:15.2f}x {ratio[1]:17.2f}x {ratio[2]:12.2f}x")
-    # The training augmentation runs on the CPU (in the loader) whatever the model's device.
+    # Where training runs on the CPU, the warp's depth slabs share it among the threads.
     warp = warp_rates(cfg, args.steps, args.rounds)
-    print(f"augmentation warp, image + 7 target channels, samples/s: depth slabs {warp['slabs']:.1f}, "
+    print(f"augmentation warp on the CPU, image + 7 target channels, samples/s: depth slabs {warp['slabs']:.1f}, "
           f"one batch item {warp['one item']:.1f}, ratio {warp['slabs'] / warp['one item']:.2f}x")
 
 
