@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from timm.utils import ModelEmaV2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
@@ -83,6 +84,29 @@ class Task(Protocol):
     def predict_batch(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]: ...
     def compute_metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]: ...
     def on_best(self, outputs: dict[str, np.ndarray], out_dir: Path) -> None: ...
+
+
+class WeightAverage(ModelEmaV2):
+    """timm's ModelEmaV2 (the average in ``.module``) with its update in two foreach calls.
+
+    timm 0.9.7 (pinned by segmentation-models-pytorch-3d) updates tensor by tensor in Python:
+    29 ms a step for the demo's stage-1 model (466 tensors) and 12 ms for stage 2's, on 2 CPU
+    cores, against 5 ms and 1.5 ms here (newer timm's ModelEmaV3 does the same). The same
+    average up to float rounding; integer buffers (BatchNorm's batch count) are copied, where
+    timm's update truncated them to their first value.
+    """
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        averages, values = [], []
+        for average, value in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if average.is_floating_point():
+                averages.append(average)
+                values.append(value)
+            else:
+                average.copy_(value)
+        torch._foreach_mul_(averages, self.decay)
+        torch._foreach_add_(averages, values, alpha=1.0 - self.decay)
 
 
 def seed_everything(seed: int) -> None:
@@ -230,9 +254,7 @@ class _Loop:
         self.scaler = make_scaler(self.device, self.amp)
         self.ema = None
         if cfg.ema_decay > 0:
-            from timm.utils import ModelEmaV2
-
-            self.ema = ModelEmaV2(self.model, decay=cfg.ema_decay)
+            self.ema = WeightAverage(self.model, decay=cfg.ema_decay)
         self.history: list[dict[str, float]] = []
         self.best: float | None = None
         self.step = 0

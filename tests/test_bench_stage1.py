@@ -37,7 +37,7 @@ def test_main_prints_both_layouts_both_depthwise_backwards_and_their_ratios(caps
     bench.main(["--config", str(config_path("demo/stage1.yaml")), "--steps", "1", "--rounds", "1", "--studies", "1",
                 "--study-shape", "40", "64", "64", *SMALL])
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[1]: line.split()[2:] for line in lines[2:-1]}
+    rows = {line.split()[1]: line.split()[2:] for line in lines[2:-2]}
     variants = {f"{layout}/{dw}" for layout in bench.LAYOUTS for dw in bench.DEPTHWISE}
     assert set(rows) == variants | {"ratio:layout", "ratio:depthwise"}
     for variant in variants:
@@ -46,6 +46,12 @@ def test_main_prints_both_layouts_both_depthwise_backwards_and_their_ratios(caps
                           "ratio:depthwise": ("channels_last/fast", "channels_last/library")}.items():
         for got, x, y in zip(rows[ratio], rows[a], rows[b]):
             assert abs(float(got.rstrip("x")) / (float(x) / float(y)) - 1) < 0.05  # printed rates are rounded
+    # the weight average's update beside timm's, then the augmentation's warp beside one batch item
+    average = re.fullmatch(r"weight average \(EMA\) update, ms a step: foreach ([\d.]+), "
+                           r"timm's ModelEmaV2 ([\d.]+), ratio ([\d.]+)x", lines[-2])
+    assert average, lines[-2]
+    ours, timms, ratio = map(float, average.groups())
+    assert ours > 0 and timms > 0 and abs(ratio / (timms / ours) - 1) < 0.1
     # the last line: the augmentation's warp in depth slabs beside one batch item, and their ratio
     warp = re.fullmatch(r"augmentation warp on the CPU, image \+ 7 target channels, samples/s: depth slabs ([\d.]+), "
                         r"one batch item ([\d.]+), ratio ([\d.]+)x", lines[-1])

@@ -229,3 +229,28 @@ def test_warmup_cosine_shape():
     assert f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(100) == pytest.approx(0.01)
+
+
+def test_weight_average_matches_timms_update_and_copies_integer_buffers():
+    from timm.utils import ModelEmaV2
+    from torch import nn
+
+    from common.trainer import WeightAverage
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Linear(6, 3))
+    ours, timms = WeightAverage(model, decay=0.9), ModelEmaV2(model, decay=0.9)
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(2, 2, 8, 8))        # moves BatchNorm's statistics and batch count
+        ours.decay = timms.decay = 0.5 + 0.1 * step
+        ours.update(model)
+        timms.update(model)
+    for (name, a), b, m in zip(ours.module.state_dict().items(), timms.module.state_dict().values(),
+                               model.state_dict().values()):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), name
+            assert not torch.allclose(a, m), name       # an average, not a copy
+        else:
+            assert a == m == 5, name                      # the batch count follows the model

@@ -13,8 +13,9 @@ default) times it beside the contiguous layout as the baseline, in one run. The 
 model's depthwise convolutions train on CPU with ``stage1_seg.depthwise``'s backward;
 ``--depthwise both`` (the default) also times the library's backward as its baseline
 (prediction, which has no backward, is timed once per layout and printed on both rows).
-The last line times the augmentation's warp on the CPU (in torch's threads) cut into depth
-slabs, beside one batch item as its baseline.
+The last two lines time the trainer's weight average (EMA) update beside timm's ModelEmaV2, and
+the augmentation's warp on the CPU (in torch's threads) cut into depth slabs beside one batch
+item, each with its baseline.
 The training variants take turns, ``--rounds`` rounds of ``--steps`` steps, and each one's
 median round is printed: on a shared machine the speed drifts between runs by more than the
 differences timed.
@@ -29,10 +30,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV2
 
 from common.config import load_config
 from common.device import autocast_context, choose_device
-from common.trainer import make_scaler, train_step
+from common.trainer import WeightAverage, make_scaler, train_step
 from configs import config_path
 from stage1_seg.augment import warp_volume
 from stage1_seg.config import Stage1Config
@@ -110,6 +112,16 @@ def warp_rates(cfg: Stage1Config, steps: int, rounds: int = 3) -> dict[str, floa
     return train_rates(steppers, torch.device("cpu"), 1, steps, rounds)
 
 
+def average_update_ms(cfg: Stage1Config, device: torch.device, steps: int, rounds: int = 3) -> dict[str, float]:
+    """Milliseconds per update of the trainer's weight average (``common.trainer.WeightAverage``)
+    beside timm's ModelEmaV2 (the baseline), on the built model."""
+    model = layout_model(cfg, device, "channels_last")
+    averages = {"foreach": WeightAverage(model, decay=0.99), "timm": ModelEmaV2(model, decay=0.99)}
+    rates = train_rates({name: partial(average.update, model) for name, average in averages.items()},
+                        device, 1, steps, rounds)
+    return {name: 1000.0 / rate for name, rate in rates.items()}
+
+
 @torch.no_grad()
 def predict_rate(cfg: Stage1Config, device: torch.device, amp: bool, studies: int,
                  shape: tuple[int, int, int], layout: str = "channels_last") -> tuple[float, float]:
@@ -185,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             if a in rates and b in rates:
                 ratio = [x / y for x, y in zip(rates[a], rates[b])]
                 print(f"{name:6} {label:24} {ratio[0]:15.2f}x {ratio[1]:17.2f}x {ratio[2]:12.2f}x")
+    average = average_update_ms(cfg, device, args.steps, args.rounds)
+    print(f"weight average (EMA) update, ms a step: foreach {average['foreach']:.1f}, "
+          f"timm's ModelEmaV2 {average['timm']:.1f}, ratio {average['timm'] / average['foreach']:.2f}x")
     # Where training runs on the CPU, the warp's depth slabs share it among the threads.
     warp = warp_rates(cfg, args.steps, args.rounds)
     print(f"augmentation warp on the CPU, image + 7 target channels, samples/s: depth slabs {warp['slabs']:.1f}, "
