@@ -90,8 +90,9 @@ class WeightAverage(ModelEmaV2):
     """timm's ModelEmaV2 (the average in ``.module``) with its update in two foreach calls.
 
     timm 0.9.7 (pinned by segmentation-models-pytorch-3d) updates tensor by tensor in Python:
-    29 ms a step for the demo's stage-1 model (466 tensors) and 12 ms for stage 2's, on 2 CPU
-    cores, against 5 ms and 1.5 ms here (newer timm's ModelEmaV3 does the same). The same
+    for the demo's stage-1 model (466 tensors) 23.9 ms a step against 13.3 ms here on 2 CPU cores
+    (``python -m tooling.bench.stage1``; 29 against 5 ms in a quieter moment), for stage 2's 12.4
+    against 1.5 ms (newer timm's ModelEmaV3 also updates with foreach calls). The same
     average up to float rounding; integer buffers (BatchNorm's batch count) are copied, where
     timm's update truncated them to their first value.
     """

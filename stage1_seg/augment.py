@@ -4,8 +4,8 @@ Axes are (C, D, H, W) with D the head-feet axis. Flips are only in-plane (H, W):
 a flip along D would turn C1 into C7. Rotations are about the D axis.
 
 Training augments each batch where the model runs (:func:`augment_batch`, called by
-``stage1_seg.train.batch_loss``), not in the data loader: at 128^3 the warp of one sample took
-0.68 s on one CPU core, so four loader workers could feed about 5 samples/s to a GPU that trains
+``stage1_seg.train.batch_loss``), not in the data loader: at 128^3 the augmentation of one
+sample took 0.68 s on one CPU core, so four loader workers could feed about 5 samples/s to a GPU that trains
 29. The random draws come from torch's generators, which the trainer seeds for every period
 between validations (and per rank), so a resumed run draws the same.
 """
@@ -64,8 +64,8 @@ def warp_volume(volume: torch.Tensor, grid: torch.Tensor, pieces: int | None = N
 
     PyTorch's CPU ``grid_sample`` shares its work among threads by batch item only, so one volume
     ran on one core. The output's depth is cut into one slab a thread, each slab a batch item
-    over the same (expanded, not copied) input: the same values, 1.4x faster on 2 cores (0.024
-    against 0.034 s for 8 channels at 64^3; ``python -m tooling.bench.stage1``). ``pieces``: the
+    over the same (expanded, not copied) input: the same values, 1.5-1.8x the samples/s on 2 cores
+    for 8 channels at 64^3 (the last line of ``python -m tooling.bench.stage1``). ``pieces``: the
     number of slabs (default: torch's threads on CPU, else 1; 1 if it does not divide the depth).
     """
     depth = grid.shape[1]
