@@ -105,7 +105,7 @@ def warp_rates(cfg: Stage1Config, steps: int, rounds: int = 3) -> dict[str, floa
     """Samples/s of the augmentation's warp (image and its 7 target channels at the cube's size):
     depth slabs, one per thread (``stage1_seg.augment``'s), beside one batch item (the baseline)."""
     shape = cube_shape(cfg.preprocess)
-    volume = torch.rand(cfg.model.in_channels + 7, *shape)
+    volume = torch.rand(1 + 7, *shape)   # the window is augmented before it is repeated to in_channels
     theta = torch.tensor([[0.95, -0.2, 0.0, 0.05], [0.2, 0.95, 0.0, -0.05], [0.0, 0.0, 1.05, 0.1]])
     grid = F.affine_grid(theta[None], [1, 1, *shape], align_corners=False)
     steppers = {"slabs": partial(warp_volume, volume, grid), "one item": partial(warp_volume, volume, grid, 1)}
