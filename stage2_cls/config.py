@@ -138,6 +138,10 @@ class Stage2Config:
     # demo recipe on crops cut from true masks, 1,000 steps, folds 0/1: 0.86x/0.62x the best constant
     # against 0.73x/0.58x without (vertebra AUC 0.90/0.93 against 0.88/0.95).
     positive_oversampling: float = 1.0
+    # Training targets pulled towards 0.5 by this much (0.05: 0.025 / 0.975; type 1 and type 2,
+    # patient_overall included); validation and the metric use the hard labels. Against the
+    # over-confidence of long training on few studies (docs/experiments.md).
+    label_smoothing: float = 0.0
     preload_mb: float = 0.0            # decode all crop files into memory when they fit in this (2019 studies: ~64 GB)
     lru_studies: int = 8               # else: decoded studies kept per data-loader worker
     decoded_cache: bool = False        # else also: uncompressed copies in work/stage2/decoded (31.6 MB/study at 224)

@@ -172,19 +172,22 @@ def noisy_or_logit(logits: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(log_none)) - log_none
 
 
-def study_loss(output: dict[str, torch.Tensor], labels: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+def study_loss(output: dict[str, torch.Tensor], labels: torch.Tensor, missing: torch.Tensor,
+               smoothing: float = 0.0) -> torch.Tensor:
     """The competition metric's weighting, per study, as the type-2 training loss.
 
     labels (B, 8) in TARGETS order, missing (B, 7). Each vertebra's loss is the mean
     slice BCE (as for type 1), weighted 2 / 1 (positive / negative) and 0 when the
     vertebra is missing; patient_overall's BCE is weighted 14 / 7; each study's loss is
-    ``sum(w * l) / sum(w)``, then averaged over the batch: the metric itself.
+    ``sum(w * l) / sum(w)``, then averaged over the batch: the metric itself. ``smoothing``
+    softens the BCE targets (:func:`smooth_labels`), not the weights.
     """
     labels = labels.float()
+    targets = smooth_labels(labels, smoothing)
     logits = output["slice_logits"].float()                                            # (B, 7, S)
     vertebra = F.binary_cross_entropy_with_logits(
-        logits, labels[:, :7, None].expand_as(logits), reduction="none").mean(dim=2)    # (B, 7)
-    overall = F.binary_cross_entropy_with_logits(output["overall_logit"].float(), labels[:, 7], reduction="none")
+        logits, targets[:, :7, None].expand_as(logits), reduction="none").mean(dim=2)   # (B, 7)
+    overall = F.binary_cross_entropy_with_logits(output["overall_logit"].float(), targets[:, 7], reduction="none")
     w_vertebra = (1.0 + labels[:, :7]) * (~missing).float()
     w_overall = 7.0 * (1.0 + labels[:, 7])
     return ((w_vertebra * vertebra).sum(1) + w_overall * overall).div(w_vertebra.sum(1) + w_overall).mean()
@@ -244,8 +247,28 @@ def vertebra_probability(output: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.sigmoid(output["slice_logits"].float()).mean(dim=-1)
 
 
+def check_smoothing(smoothing: float) -> None:
+    """Refuse a ``label_smoothing`` outside [0, 1) (1 would make every target 0.5)."""
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
+
+
+def smooth_labels(label: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Training targets pulled towards 0.5: ``label * (1 - smoothing) + smoothing / 2``.
+
+    A target of 0.025 / 0.975 (``smoothing`` 0.05) is met at a logit of about +-3.7, so the
+    loss stops pushing a vertebra it has learned by heart further out; the metric's weights
+    still come from the hard labels.
+    """
+    check_smoothing(smoothing)
+    label = label.float()
+    return label * (1.0 - smoothing) + 0.5 * smoothing if smoothing else label
+
+
 def sample_losses(output: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-    """Unweighted BCE per sample (B,): mean over slices (mean pooling) or on the attention logit."""
+    """Unweighted BCE per sample (B,): mean over slices (mean pooling) or on the attention logit.
+
+    ``label`` may be soft (see :func:`smooth_labels`)."""
     label = label.float()
     if "attention" in output:
         return F.binary_cross_entropy_with_logits(vertebra_logit(output), label, reduction="none")
@@ -254,10 +277,12 @@ def sample_losses(output: dict[str, torch.Tensor], label: torch.Tensor) -> torch
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
 
 
-def weighted_loss(output: dict[str, torch.Tensor], label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``sum(w * l) / sum(w)`` over the batch, ``w`` the metric's per-label weights (B,)."""
+def weighted_loss(output: dict[str, torch.Tensor], label: torch.Tensor, weight: torch.Tensor,
+                  smoothing: float = 0.0) -> torch.Tensor:
+    """``sum(w * l) / sum(w)`` over the batch, ``w`` the metric's per-label weights (B,); the BCE
+    against the labels smoothed by ``smoothing`` (:func:`smooth_labels`)."""
     weight = weight.float()
-    return (weight * sample_losses(output, label)).sum() / weight.sum().clamp_min(1e-12)
+    return (weight * sample_losses(output, smooth_labels(label, smoothing))).sum() / weight.sum().clamp_min(1e-12)
 
 
 def box_loss(output: dict[str, torch.Tensor], target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,8 @@ from stage2_cls.config import Stage2Config, for_model_type
 from stage2_cls.dataset import (CropStore, StudyDataset, VertebraDataset, available_crops, fill_missing,
                                 prepare_images)
 from stage2_cls.infer import study_probabilities
-from stage2_cls.model import (box_loss, build_model, check_pretrained, study_loss, predict_logits,
-                              weighted_loss)
+from stage2_cls.model import (box_loss, build_model, check_pretrained, check_smoothing, study_loss,
+                              predict_logits, weighted_loss)
 from stage2_cls.slice_labels import read_box_slices
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def batch_loss(cfg: Stage2Config, model: nn.Module, batch: dict, device: torch.d
         target, known = batch["box_target"].to(device), batch["box_known"].to(device)
 
     def loss(output: dict, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        value = weighted_loss(output, label[index], weight[index])
+        value = weighted_loss(output, label[index], weight[index], cfg.label_smoothing)
         if box_weight > 0:
             value = value + box_weight * box_loss(output, target[index], known[index])
         return value
@@ -92,6 +92,7 @@ class ClassifierTask:
     def __init__(self, cfg: Stage2Config, crops_dir: Path, run_dir: Path, fold: int,
                  train_uids: Sequence[str], val_uids: Sequence[str], labels: pd.DataFrame,
                  decoded_dir: Path | None = None, box_slices: dict[str, np.ndarray] | None = None) -> None:
+        check_smoothing(cfg.label_smoothing)
         self.cfg, self.crops_dir, self.run_dir, self.fold = cfg, crops_dir, run_dir, fold
         self.train_uids, self.val_uids = list(train_uids), list(val_uids)
         table = labels.set_index(STUDY_COL)
@@ -164,7 +165,7 @@ def study_batch_loss(cfg: Stage2Config, model: nn.Module, batch: dict, device: t
     """The type-2 loss of one batch of whole studies (the competition metric per study)."""
     images = prepare_images(batch["image"], device)
     missing = batch["missing"].to(device)
-    return study_loss(model(images, missing), batch["labels"].to(device), missing)
+    return study_loss(model(images, missing), batch["labels"].to(device), missing, cfg.label_smoothing)
 
 
 class PatientTask(ClassifierTask):

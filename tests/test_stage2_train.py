@@ -225,6 +225,48 @@ def test_study_loss_is_the_competition_metric():
     assert study_loss(output, torch.tensor(y), missing).item() == pytest.approx(a, rel=1e-6)
 
 
+def test_label_smoothing_softens_the_targets_not_the_weights():
+    from stage2_cls.model import study_loss
+
+    eps = 0.1
+    labels = torch.tensor([1.0, 0.0])
+    weights = torch.tensor([2.0, 1.0])
+    z = torch.tensor([[3.0, -1.0], [0.5, -4.0]])
+
+    def bce(logit, t):
+        p = 1 / (1 + math.exp(-logit))
+        return -(t * math.log(p) + (1 - t) * math.log(1 - p))
+    soft = [1 - eps / 2, eps / 2]
+    per_sample = [np.mean([bce(v, t) for v in row]) for row, t in zip(z.tolist(), soft)]
+    expected = (2.0 * per_sample[0] + 1.0 * per_sample[1]) / 3.0
+    assert weighted_loss({"slice_logits": z}, labels, weights, eps).item() == pytest.approx(expected, rel=1e-5)
+    # A positive at the logit that meets its soft target is no longer pushed further out;
+    # with hard labels it still is.
+    at_target = torch.full((1, 3), math.log((1 - eps / 2) / (eps / 2)), requires_grad=True)
+    weighted_loss({"slice_logits": at_target}, labels[:1], weights[:1], eps).backward()
+    assert at_target.grad.abs().max().item() < 1e-6
+    at_target.grad = None
+    weighted_loss({"slice_logits": at_target}, labels[:1], weights[:1]).backward()
+    assert (at_target.grad < -1e-3).all()
+    # Type 2: the metric's weights (2 / 1, patient_overall 14 / 7) stay those of the hard labels.
+    y = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 1.0]])
+    logits = torch.tensor([[0.4, -1.0, -2.0, 0.0, 1.0, -0.5, -3.0, 0.7]])
+    output = {"slice_logits": logits[:, :7, None].repeat(1, 1, 2), "overall_logit": logits[:, 7]}
+    w = [2.0] + [1.0] * 6 + [14.0]
+    t = [1 - eps / 2] + [eps / 2] * 6 + [1 - eps / 2]
+    expected = sum(wi * bce(zi, ti) for wi, zi, ti in zip(w, logits[0].tolist(), t)) / sum(w)
+    got = study_loss(output, y, torch.zeros(1, 7, dtype=torch.bool), eps).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_run_refuses_label_smoothing_outside_0_1(tmp_path):
+    data_dir, work_dir, _ = make_crop_data(tmp_path)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            run(tiny_config(label_smoothing=bad), data_dir, work_dir, fold=0)
+    assert not (work_dir / "stage2").exists()
+
+
 def test_run_type2_writes_a_learned_overall(tmp_path):
     data_dir, work_dir, labels = make_crop_data(tmp_path)
     metrics = run(tiny_config(**{"model.type": 2, "train.batch_size": 2, "run": "demo-type2",
