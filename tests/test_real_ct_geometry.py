@@ -21,12 +21,16 @@ import pytest
 from common.config import load_config
 from common.dicom import load_study
 from common.nifti import load_rsna_mask
+from configs import config_path
 from stage1_seg.boxes import boxes_from_labels
+from stage1_seg.config import Stage1Config
+from stage1_seg.data import cube_region
 from stage2_cls.config import Stage2Config
 from stage2_cls.stacks import build_stacks
 from tooling.dicom_writer import write_ct_series
 
 TS_C7, TS_C6 = 44, 45  # TotalSegmentator v2 label numbers
+TS_C5_C7 = (46, 45, 44)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +75,21 @@ def test_c7_stack_mask_lies_on_bone_in_every_slice(real_chest_ct):
         hu_around = item[2][~inside].astype(np.float32) / 255 * cfg.window_width + window_low
         assert np.median(hu_inside) > 150, f"slice {i}: the mask lies on {np.median(hu_inside):.0f} HU"
         assert np.median(hu_inside) > np.median(hu_around) + 100, f"slice {i}"
+
+
+@pytest.mark.parametrize("config", ["stage1.yaml", "demo/stage1.yaml"])
+def test_stage1_neck_square_keeps_the_real_cervical_spine(real_chest_ct, config):
+    """Stage 1 sees only a square of ``preprocess.crop_mm`` around the body: on real anatomy every
+    C5-C7 voxel must fall inside it, with room to spare (a spine cut at the square's edge would lose
+    its outer mask and boxes). On this CT the square centres on the chest, not the neck, and the
+    labelled C7 reaches 51 mm from that centre: a harder case than a neck CT."""
+    folder, mask_path = real_chest_ct
+    study = load_study(folder)
+    labels = load_rsna_mask(mask_path, study)
+    cfg = load_config(Stage1Config, config_path(config)).preprocess
+    assert cfg.crop_mm > 0
+    _, _, y0, y1, x0, x1 = cube_region(study.hu, study.spacing, cfg)
+    _, ys, xs = np.nonzero(np.isin(labels, TS_C5_C7))
+    margin_mm = min((ys.min() - y0) * study.spacing[1], (y1 - 1 - ys.max()) * study.spacing[1],
+                    (xs.min() - x0) * study.spacing[2], (x1 - 1 - xs.max()) * study.spacing[2])
+    assert margin_mm >= 10, f"{config}: C5-C7 come within {margin_mm:.1f} mm of the {cfg.crop_mm} mm square's edge"
