@@ -29,8 +29,7 @@ from stage2_cls.config import Stage2Config
 from stage2_cls.stacks import build_stacks
 from tooling.dicom_writer import write_ct_series
 
-TS_C7, TS_C6 = 44, 45  # TotalSegmentator v2 label numbers
-TS_C5_C7 = (46, 45, 44)
+TS_C7, TS_C6, TS_C5 = 44, 45, 46  # TotalSegmentator v2 label numbers
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +49,19 @@ def real_chest_ct(tmp_path_factory):
     return folder, data / "mask.nii.gz"
 
 
-def test_c7_stack_mask_lies_on_bone_in_every_slice(real_chest_ct):
+@pytest.fixture(scope="module")
+def real_chest_study(real_chest_ct):
+    """(study, labels): the written series read back by ``load_study`` once for the module, and its
+    TotalSegmentator labels aligned to it by ``load_rsna_mask``."""
     folder, mask_path = real_chest_ct
     study = load_study(folder)
+    return study, load_rsna_mask(mask_path, study)
+
+
+def test_c7_stack_mask_lies_on_bone_in_every_slice(real_chest_study):
+    study, labels = real_chest_study
     assert study.hu.shape == (133, 512, 512)
     assert study.instance_numbers[0] == 133  # numbered feet to head: the top slice has the last number
-    labels = load_rsna_mask(mask_path, study)
     rsna = np.where(labels == TS_C7, 7, np.where(labels == TS_C6, 6, 0)).astype(np.uint8)
     assert (rsna == 7).sum() > 5000
     # C6 is above C7: in head-to-feet order its slices come first
@@ -78,18 +84,16 @@ def test_c7_stack_mask_lies_on_bone_in_every_slice(real_chest_ct):
 
 
 @pytest.mark.parametrize("config", ["stage1.yaml", "demo/stage1.yaml"])
-def test_stage1_neck_square_keeps_the_real_cervical_spine(real_chest_ct, config):
+def test_stage1_neck_square_keeps_the_real_cervical_spine(real_chest_study, config):
     """Stage 1 sees only a square of ``preprocess.crop_mm`` around the body: on real anatomy every
     C5-C7 voxel must fall inside it, with room to spare (a spine cut at the square's edge would lose
     its outer mask and boxes). On this CT the square centres on the chest, not the neck, and the
     labelled C7 reaches 51 mm from that centre: a harder case than a neck CT."""
-    folder, mask_path = real_chest_ct
-    study = load_study(folder)
-    labels = load_rsna_mask(mask_path, study)
+    study, labels = real_chest_study
     cfg = load_config(Stage1Config, config_path(config)).preprocess
     assert cfg.crop_mm > 0
     _, _, y0, y1, x0, x1 = cube_region(study.hu, study.spacing, cfg)
-    _, ys, xs = np.nonzero(np.isin(labels, TS_C5_C7))
+    _, ys, xs = np.nonzero(np.isin(labels, (TS_C5, TS_C6, TS_C7)))
     margin_mm = min((ys.min() - y0) * study.spacing[1], (y1 - 1 - ys.max()) * study.spacing[1],
                     (xs.min() - x0) * study.spacing[2], (x1 - 1 - xs.max()) * study.spacing[2])
     assert margin_mm >= 10, f"{config}: C5-C7 come within {margin_mm:.1f} mm of the {cfg.crop_mm} mm square's edge"
