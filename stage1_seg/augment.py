@@ -1,7 +1,8 @@
 """On-the-fly 3D augmentation in torch, applied identically to image and target.
 
-Axes are (C, D, H, W) with D the head-feet axis. Flips are only in-plane (H, W):
-a flip along D would turn C1 into C7. Rotations are about the D axis.
+Axes are (C, D, H, W) with D the head-feet axis. Flips are left-right (W) and, only if
+``augment.flip_ap_p`` asks, front-back (H); never along D, which would turn C1 into C7.
+Rotations are about the D axis.
 
 Training augments each batch where the model runs (:func:`augment_batch`, called by
 ``stage1_seg.train.batch_loss``), not in the data loader: at 128^3 the augmentation of one
@@ -89,9 +90,10 @@ def intensity_transform(image: torch.Tensor) -> torch.Tensor:
 
 def augment_pair(image: torch.Tensor, target: torch.Tensor, cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """All stage-1 augmentations for one sample; shapes are kept."""
-    for axis in (2, 3):  # H and W only
-        if torch.rand(()).item() < cfg.flip_p:
-            image, target = image.flip(axis), target.flip(axis)
+    if torch.rand(()).item() < cfg.flip_p:  # left-right (W)
+        image, target = image.flip(3), target.flip(3)
+    if cfg.flip_ap_p > 0 and torch.rand(()).item() < cfg.flip_ap_p:  # front-back (H); never D
+        image, target = image.flip(2), target.flip(2)
     image, target = spatial_transform(image, target, cfg)
     if torch.rand(()).item() < cfg.intensity_p:
         image = intensity_transform(image)

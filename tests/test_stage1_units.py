@@ -250,9 +250,30 @@ def test_training_batch_augments_mixes_and_repeats_the_window_reproducibly():
 def test_no_flip_along_head_feet_axis():
     image = torch.zeros(1, 8, 8, 8)
     image[0, 0] = 1.0  # the top slice marked
-    cfg = AugmentConfig(flip_p=1.0, affine_p=0.0, elastic_p=0.0, intensity_p=0.0)
+    cfg = AugmentConfig(flip_p=1.0, flip_ap_p=1.0, affine_p=0.0, elastic_p=0.0, intensity_p=0.0)
     img, _ = augment_pair(image, torch.zeros(7, 8, 8, 8), cfg)
     assert img[0, 0].min() == 1.0 and img[0, 1:].max() == 0.0
+
+
+def test_flips_are_left_right_unless_front_back_is_asked():
+    image = torch.zeros(1, 4, 8, 8)
+    image[0, 2, 1, 1] = 1.0   # one voxel: slice 2, row 1 (front), column 1
+    target = torch.zeros(7, 4, 8, 8)
+    target[3] = image[0]
+    still = dict(affine_p=0.0, elastic_p=0.0, intensity_p=0.0)
+
+    def where(cfg):
+        img, tgt = augment_pair(image, target, AugmentConfig(**still, **cfg))
+        assert torch.equal(img[0], tgt[3])   # the label moves with the image
+        return tuple(int(i) for i in torch.nonzero(img[0])[0])
+
+    assert where({"flip_p": 1.0}) == (2, 1, 6)                       # columns mirrored, rows kept
+    assert where({"flip_p": 0.0, "flip_ap_p": 1.0}) == (2, 6, 1)     # rows mirrored when asked
+    assert where({"flip_p": 1.0, "flip_ap_p": 1.0}) == (2, 6, 6)
+    assert AugmentConfig().flip_ap_p == 0.0
+    torch.manual_seed(0)
+    rows = {where({})[1] for _ in range(20)}   # the defaults: the front stays in front
+    assert rows == {1}
 
 
 def test_mixup_mixes_image_and_target_alike():
