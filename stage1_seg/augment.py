@@ -92,7 +92,8 @@ def augment_pair(image: torch.Tensor, target: torch.Tensor, cfg: AugmentConfig) 
     """All stage-1 augmentations for one sample; shapes are kept."""
     if torch.rand(()).item() < cfg.flip_p:  # left-right (W)
         image, target = image.flip(3), target.flip(3)
-    if cfg.flip_ap_p > 0 and torch.rand(()).item() < cfg.flip_ap_p:  # front-back (H); never D
+    # Front-back (H); never D. No draw when off, so the random numbers match a left-right-only run.
+    if cfg.flip_ap_p > 0 and torch.rand(()).item() < cfg.flip_ap_p:
         image, target = image.flip(2), target.flip(2)
     image, target = spatial_transform(image, target, cfg)
     if torch.rand(()).item() < cfg.intensity_p:
